@@ -1,0 +1,3 @@
+from mdmrl.cli import main
+
+raise SystemExit(main())

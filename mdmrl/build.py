@@ -1,0 +1,64 @@
+"""Build the parts a recipe names, through the plug-in registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mdmrl.errors import UserError
+from mdmrl.interfaces import Backbone, BuildContext, Objective, PromptSource, Sampler, SchedulePolicy
+from mdmrl.plugins import get_registry
+from mdmrl.recipe import LoadedRecipe
+from mdmrl.rewarding import CompositeRewarder
+
+
+@dataclass
+class Parts:
+    backbone: Backbone
+    schedule: SchedulePolicy
+    sampler: Sampler
+    rewarder: CompositeRewarder
+    objective: Objective
+    train_prompts: PromptSource
+    eval_prompts: PromptSource
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f'device: {name!r} was asked for but no CUDA device is available; use device = "cpu"')
+    return torch.device(name)
+
+
+def build_part(loaded: LoadedRecipe, path: str, kind: str, name: str, ctx: BuildContext):
+    reg = get_registry().get(kind, name)
+    part = reg.cls.from_options(loaded.part_options[path], ctx)
+    if isinstance(part, torch.nn.Module):
+        part.to(ctx.device)
+    return part
+
+
+def build_parts(loaded: LoadedRecipe, device: torch.device | None = None) -> Parts:
+    """Construct every part of a validated recipe (weights are loaded here)."""
+    r = loaded.recipe
+    device = device or resolve_device(r.device)
+    ctx = BuildContext(device=device, backbone=None, recipe_dir=loaded.directory)
+    backbone = build_part(loaded, "backbone", "backbone", r.backbone.name, ctx)
+    ctx.backbone = backbone
+    schedule = build_part(loaded, "schedule", "schedule", r.schedule.name, ctx)
+    sampler = build_part(loaded, "sampler", "sampler", r.sampler.name, ctx)
+    objective = build_part(loaded, "objective", "objective", r.objective.name, ctx)
+    components = []
+    for i, spec in enumerate(r.rewards):
+        rew = build_part(loaded, f"rewards[{i}]", "rewarder", spec.name, ctx)
+        components.append((spec.name, spec.weight, rew))
+    train_prompts = build_part(loaded, "prompts.train", "prompts", r.prompts.train.name, ctx)
+    if r.prompts.eval is not None:
+        eval_prompts = build_part(loaded, "prompts.eval", "prompts", r.prompts.eval.name, ctx)
+    else:
+        eval_prompts = train_prompts
+    return Parts(
+        backbone, schedule, sampler, CompositeRewarder(components), objective, train_prompts, eval_prompts
+    )

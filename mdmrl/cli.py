@@ -1,0 +1,217 @@
+"""The ``mdmrl`` command line.
+
+Errors caused by input (recipes, paths, plug-in names, weights) print one line on
+stderr and exit with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mdmrl import __version__
+from mdmrl.errors import ConfigError, UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdmrl", description="RL post-training of masked diffusion models.")
+    p.add_argument("--version", action="version", version=f"mdmrl {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def overrides(sp):
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a recipe value, e.g. --set train.model.lr=3e-5 (repeatable)",
+        )
+
+    r = sub.add_parser("run", help="train with a recipe, or resume a run directory")
+    r.add_argument("recipe", nargs="?", help="recipe TOML file")
+    r.add_argument("--run-dir", help="where to write the run (default: runs/<recipe>-<time>)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--num-processes", type=int, default=1, help="launch N processes through accelerate")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    overrides(r)
+
+    e = sub.add_parser("eval", help="score the base model or a checkpoint on held-out prompts")
+    e.add_argument("recipe", nargs="?", help="recipe TOML (default: the checkpoint's run recipe)")
+    e.add_argument(
+        "--prompts", help="plain-text prompt file, one per line (default: the recipe's eval prompts)"
+    )
+    e.add_argument("--checkpoint", help="checkpoint folder or run directory (default: the base model)")
+    e.add_argument("--steps", type=int, action="append", help="step count (repeatable)")
+    e.add_argument("--seeds", type=int, help="samples per prompt")
+    e.add_argument("--out", help="also write the results as JSON")
+    overrides(e)
+
+    s = sub.add_parser("sample", help="generate images for prompts into a PNG grid")
+    s.add_argument("recipe", nargs="?", help="recipe TOML (default: the checkpoint's run recipe)")
+    s.add_argument("--checkpoint", help="checkpoint folder or run directory")
+    s.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    s.add_argument("--prompts", help="prompt file, one per line")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png")
+    overrides(s)
+
+    v = sub.add_parser("validate", help="check a recipe (and its plug-ins' options) without running it")
+    v.add_argument("recipe")
+    overrides(v)
+
+    sub.add_parser("plugins", help="list installed plug-ins and what they register")
+
+    rp = sub.add_parser("report", help="render PNG plots of a run directory")
+    rp.add_argument("run_dir")
+
+    pt = sub.add_parser("pretrain", help="pretrain a backbone that supports it (masked objective)")
+    pt.add_argument("recipe")
+    overrides(pt)
+    return p
+
+
+def _plugins_table() -> str:
+    from mdmrl.plugins import get_registry
+
+    reg = get_registry()
+    rows = [("name", "kind", "plugin", "distribution", "version")]
+    for kind, entries in reg.parts.items():
+        for name in sorted(entries):
+            x = entries[name]
+            rows.append((name, kind, x.plugin, x.distribution, x.version))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"error: {e}" for e in reg.errors]
+    return "\n".join(lines)
+
+
+def _launch_multi(args: argparse.Namespace, argv: list[str]) -> int:
+    import subprocess
+
+    rest = [a for a in argv if not a.startswith("--num-processes")]
+    if "--num-processes" in argv:
+        i = argv.index("--num-processes")
+        rest = argv[:i] + argv[i + 2 :]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(args.num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    if args.num_processes > 1:
+        cmd.append("--multi_gpu")
+    cmd += ["-m", "mdmrl", *rest]
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _dispatch(args, argv)
+    except UserError as exc:
+        if args.debug:
+            raise
+        msg = str(exc)
+        if isinstance(exc, ConfigError) and len(exc.problems) > 1:
+            msg = f"{exc.source}: {len(exc.problems)} problems:\n  " + "\n  ".join(exc.problems)
+        print(f"mdmrl: error: {msg}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "plugins":
+        print(_plugins_table())
+        return 0
+    if args.command == "validate":
+        from mdmrl import recipe as rc
+
+        loaded = rc.load(args.recipe, args.overrides)
+        r = loaded.recipe
+        print(f"{args.recipe}: valid. {r.description}".rstrip())
+        print(
+            f"  backbone={r.backbone.name} schedule={r.schedule.name} sampler={r.sampler.name} "
+            f"(T={r.sampler.steps}) objective={r.objective.name} mode={r.train.mode} "
+            f"rewards={', '.join(f'{x.weight}*{x.name}' for x in r.rewards)}"
+        )
+        return 0
+    if args.command == "report":
+        from mdmrl.report import report
+
+        for p in report(args.run_dir):
+            print(p)
+        return 0
+    if args.command == "run":
+        if args.num_processes < 1:
+            raise UserError(f"--num-processes: {args.num_processes} is not allowed; use 1 or more")
+        if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+            if args.recipe:
+                from mdmrl import recipe as rc
+
+                rc.load(args.recipe, args.overrides)  # fail fast, before starting processes
+            return _launch_multi(args, argv)
+        from mdmrl.runner import run
+
+        run(
+            args.recipe,
+            args.run_dir,
+            args.overrides,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        return 0
+    if args.command == "eval":
+        from mdmrl.runner import eval_command
+
+        print(
+            eval_command(
+                args.recipe, args.prompts, args.checkpoint, args.steps, args.seeds, args.overrides, args.out
+            )
+        )
+        return 0
+    if args.command == "sample":
+        from mdmrl.runner import sample_command
+
+        path = sample_command(
+            args.recipe,
+            args.checkpoint,
+            args.prompt,
+            args.prompts,
+            args.steps,
+            args.seed,
+            args.out,
+            args.overrides,
+        )
+        print(path)
+        return 0
+    if args.command == "pretrain":
+        from mdmrl.pretrain import pretrain_command
+
+        pretrain_command(args.recipe, args.overrides)
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,422 @@
+"""The training engine: rollouts, rewards, group advantages, phased updates,
+checkpoints and metrics. Algorithm-specific math lives in the plug-ins (samplers,
+schedule policies, objectives); this module only orchestrates them.
+
+One iteration (Co-GRPO, Fig. 3): draw prompts, repeat each G times, sample the
+trajectories with the current backbone and schedule policy, score them, normalise
+rewards within each group (advantages), then update the parameters of the
+iteration's phase ("model", "schedule" or "joint"; Eq. 21) with the objective.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdmrl import checkpoint as ckpt
+from mdmrl.advantages import group_advantages
+from mdmrl.build import Parts
+from mdmrl.distributed import Dist
+from mdmrl.errors import UserError
+from mdmrl.interfaces import GeneratedBatch, Policies
+from mdmrl.recipe import LoadedRecipe, TrainSpec, resolved_dict
+from mdmrl.rewarding import RewardWorker, concat_results
+from mdmrl.rundir import MetricsLog
+from mdmrl.trajectory import ACTION_FIELDS, Trajectory
+
+STREAMS = ("prompts", "seeds", "update")
+
+
+def phase_plan(t: TrainSpec) -> list[tuple[str, int]]:
+    """(phase, cycle) for every iteration of the run, in order (Eq. 21)."""
+    if t.mode == "naive":
+        return [("model", 0)] * t.iterations
+    if t.mode == "schedule_only":
+        return [("schedule", 0)] * t.iterations
+    if t.mode == "joint":
+        return [("joint", 0)] * t.iterations
+    plan: list[tuple[str, int]] = []
+    for c in range(t.cycles):
+        model = [("model", c)] * t.model_iterations
+        sched = [("schedule", c)] * t.schedule_iterations
+        plan += (sched + model) if t.schedule_first else (model + sched)
+    return plan
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """Independent, documented seeds for the run's random streams."""
+    return (seed * 1_000_003 + (STREAMS.index(stream) + 1) * 7919) % (2**63 - 1)
+
+
+def _chunks(seq: list, size: int) -> list[list]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+@dataclass
+class StopRequest:
+    requested: bool = False
+
+
+class Trainer:
+    def __init__(
+        self,
+        loaded: LoadedRecipe,
+        parts: Parts,
+        run_dir: Path,
+        device: torch.device,
+        dist: Dist | None = None,
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    ):
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.parts = parts
+        self.run_dir = run_dir
+        self.device = device
+        self.dist = dist or Dist()
+        self.log = log
+        t = self.recipe.train
+        self.plan = phase_plan(t)
+        phases = {p for p, _ in self.plan}
+        self.model_params = [p for p in parts.backbone.parameters() if p.requires_grad]
+        self.schedule_params = [p for p in parts.schedule.parameters() if p.requires_grad]
+        self.opt_model = self._optimizer(self.model_params, t.model) if phases & {"model", "joint"} else None
+        self.opt_schedule = (
+            self._optimizer(self.schedule_params, t.schedule) if phases & {"schedule", "joint"} else None
+        )
+        if phases & {"schedule", "joint"} and not self.schedule_params:
+            raise UserError(
+                f"train.mode: {t.mode!r} trains the schedule, but schedule {self.recipe.schedule.name!r} "
+                'has no trainable parameters; use mode = "naive" or a learned schedule such as "gaussian"'
+            )
+        kl_beta = float(getattr(loaded.part_options.get("objective"), "kl_beta", 0.0) or 0.0)
+        self.reference = None
+        if kl_beta > 0:
+            self.reference = copy.deepcopy(parts.backbone).eval().requires_grad_(False)
+        self.gens = {s: torch.Generator().manual_seed(stream_seed(self.recipe.seed, s)) for s in STREAMS}
+        torch.manual_seed(self.recipe.seed)
+        self.iteration = 0
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self.stop = StopRequest()
+        self.worker = RewardWorker(parts.rewarder, background=t.background_rewards)
+        self.metrics: MetricsLog | None = None
+
+    @staticmethod
+    def _optimizer(params: list, o) -> torch.optim.Optimizer | None:
+        if not params:
+            return None
+        return torch.optim.AdamW(
+            params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps
+        )
+
+    # -- state -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "optim_model": self.opt_model.state_dict() if self.opt_model else {},
+            "optim_schedule": self.opt_schedule.state_dict() if self.opt_schedule else {},
+            "rng": {s: g.get_state() for s, g in self.gens.items()},
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def meta(self) -> dict[str, Any]:
+        phase, cycle = self.plan[self.iteration - 1] if self.iteration else ("", 0)
+        return {
+            "iteration": self.iteration,
+            "last_phase": phase,
+            "last_cycle": cycle,
+            "total_iterations": len(self.plan),
+            "bad_in_row": self.bad_in_row,
+            "bad_total": self.bad_total,
+            "recipe_digest": recipe_digest(self.loaded),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        lg = self.recipe.logging
+        return ckpt.save(
+            self.run_dir / "checkpoints",
+            self.iteration,
+            self.parts.backbone,
+            self.parts.schedule,
+            self.state(),
+            self.meta(),
+            keep=lg.keep_checkpoints,
+        )
+
+    def restore(self, path: Path) -> None:
+        state, meta = ckpt.load(path, self.parts.backbone, self.parts.schedule)
+        if meta.get("recipe_digest") != recipe_digest(self.loaded):
+            raise UserError(
+                f"{path}: checkpoint was written by a different recipe than {self.run_dir}/recipe.toml"
+            )
+        try:
+            if self.opt_model:
+                self.opt_model.load_state_dict(state["optim_model"])
+            if self.opt_schedule:
+                self.opt_schedule.load_state_dict(state["optim_schedule"])
+            for s, g in self.gens.items():
+                g.set_state(state["rng"][s])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{path}/state.pt: does not match this run ({exc})") from None
+        self.iteration = int(meta["iteration"])
+        self.bad_in_row = int(meta.get("bad_in_row", 0))
+        self.bad_total = int(meta.get("bad_total", 0))
+
+    # -- one iteration -------------------------------------------------------------
+    def _autocast(self):
+        mp = self.recipe.train.mixed_precision
+        if mp == "no":
+            return nullcontext()
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def rollout(self, phase: str) -> tuple[Trajectory, torch.Tensor, dict, dict, torch.Tensor, torch.Tensor]:
+        """Sample this rank's share of the iteration's batch and score it.
+
+        Returns (local trajectories, global total rewards float64 [B], global reward
+        components, timings, local indices, group ids [B])."""
+        r, t = self.recipe, self.recipe.train
+        o = t.model if phase in ("model", "joint") else t.schedule
+        g = o.group_size
+        n_prompts = o.batch_size // g
+        prompts = self.parts.train_prompts.sample(n_prompts, self.gens["prompts"])
+        all_prompts = [p for p in prompts for _ in range(g)]
+        b = len(all_prompts)
+        group_ids = torch.arange(n_prompts).repeat_interleave(g)
+        seeds = torch.randint(0, 2**31 - 1, (b,), generator=self.gens["seeds"])
+        local = self.dist.local_indices(b)
+        trajs, futures = [], []
+        bb, sch = self.parts.backbone, self.parts.schedule
+        t0 = time.perf_counter()
+        for idx in _chunks(local.tolist(), t.rollout_batch):
+            ix = torch.tensor(idx, dtype=torch.long)
+            with torch.no_grad(), self._autocast():
+                traj = self.parts.sampler.sample(
+                    bb, sch, [all_prompts[i] for i in idx], r.sampler.steps, seeds[ix], group_ids[ix]
+                )
+            trajs.append(traj)
+            futures.append(
+                self.worker.submit(GeneratedBatch(traj.prompts, traj.final_tokens, bb.grid_shape, bb.decode))
+            )
+        t1 = time.perf_counter()
+        results = [f.result() for f in futures]
+        t2 = time.perf_counter()
+        traj = Trajectory.cat(trajs) if len(trajs) > 1 else trajs[0]
+        res = concat_results(results)
+        total = self.dist.scatter_sum(res.total, local, b)
+        comps = {k: self.dist.scatter_sum(v, local, b) for k, v in res.components.items()}
+        timing = {"time_rollout": t1 - t0, "time_reward_wait": t2 - t1}
+        return traj, total, comps, timing, local, group_ids
+
+    def update(self, phase: str, traj: Trajectory, adv_global: torch.Tensor, local: torch.Tensor) -> dict:
+        """Optimise the phase's parameters on one rollout batch. Returns stats."""
+        t = self.recipe.train
+        obj = self.parts.objective
+        b_global = adv_global.numel()
+        pos_of = {int(gi): li for li, gi in enumerate(local.tolist())}
+        n_terms = obj.num_terms(traj)
+        stats: dict[str, list[float]] = defaultdict(list)
+        params, opts_, clips = [], [], []
+        if phase in ("model", "joint") and self.opt_model:
+            params += self.model_params
+            opts_.append(self.opt_model)
+            clips.append((self.model_params, t.model.max_grad_norm, "grad_norm_model"))
+        if phase in ("schedule", "joint") and self.opt_schedule:
+            params += self.schedule_params
+            opts_.append(self.opt_schedule)
+            clips.append((self.schedule_params, t.schedule.max_grad_norm, "grad_norm_schedule"))
+        bad = False
+        for _ in range(t.epochs):
+            perm = torch.randperm(b_global, generator=self.gens["update"])
+            for mb in perm.chunk(t.minibatches):
+                k = max(1, round(t.timestep_fraction * n_terms))
+                terms = sorted(torch.randperm(n_terms, generator=self.gens["update"])[:k].tolist())
+                mine = [pos_of[int(i)] for i in mb.tolist() if int(i) in pos_of]
+                groups = [[x] for x in terms] if obj.update_per_term else [terms]
+                for step_terms in groups:
+                    for opt in opts_:
+                        opt.zero_grad(set_to_none=True)
+                    ok = self._accumulate(phase, traj, adv_global, local, mine, step_terms, len(mb), stats)
+                    ok = not self.dist.broadcast_flag(not ok)
+                    if not ok:
+                        bad = True
+                        for opt in opts_:
+                            opt.zero_grad(set_to_none=True)
+                        continue
+                    self.dist.all_reduce_grads(params)
+                    for ps, max_norm, label in clips:
+                        norm = torch.nn.utils.clip_grad_norm_(ps, max_norm if max_norm else float("inf"))
+                        stats[label].append(float(norm))
+                    for opt in opts_:
+                        opt.step()
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v and k not in ("ratio_min", "ratio_max")}
+        if stats.get("ratio_min"):
+            out["ratio_min"] = min(stats["ratio_min"])
+        if stats.get("ratio_max"):
+            out["ratio_max"] = max(stats["ratio_max"])
+        out["bad_update"] = float(bad)
+        return out
+
+    def _accumulate(self, phase, traj, adv_global, local, mine, terms, mb_size, stats) -> bool:
+        """Backward the loss of this rank's part of one minibatch; False if non-finite."""
+        t = self.recipe.train
+        if not mine:
+            return True
+        micro = _chunks(mine, max(1, math.ceil(len(mine) / t.gradient_accumulation)))
+        for mi in micro:
+            ix = torch.tensor(mi, dtype=torch.long)
+            sub = traj.select(ix)
+            adv = adv_global[local[ix]].to(self.device)
+            for chunk in _chunks(terms, t.term_chunk):
+                train_text = phase in ("model", "joint")
+                with torch.set_grad_enabled(train_text), self._autocast():
+                    cond = self.parts.backbone.encode_prompts(sub.prompts)
+                    uncond = self.parts.backbone.null_conditioning(len(mi))
+                pol = Policies(
+                    self.parts.backbone, self.parts.schedule, self.parts.sampler, cond, uncond, self.reference
+                )
+                with self._autocast():
+                    out = self.parts.objective.loss(pol, sub, adv, chunk, phase)
+                if not torch.isfinite(out.loss):
+                    return False
+                weight = (len(mi) / mb_size) * (len(chunk) / len(terms))
+                if out.loss.requires_grad:
+                    (out.loss * weight).backward()
+                stats["loss"].append(float(out.loss.detach()))
+                for k, v in out.stats.items():
+                    stats[k].append(float(v))
+        return True
+
+    def iterate(self) -> dict:
+        """Run iteration ``self.iteration`` (0-based) and return its metrics row."""
+        phase, cycle = self.plan[self.iteration]
+        t_start = time.perf_counter()
+        self.parts.backbone.train()
+        self.parts.schedule.train()
+        traj, total, comps, timing, local, group_ids = self.rollout(phase)
+        row: dict[str, Any] = {"iteration": self.iteration + 1, "phase": phase, "cycle": cycle}
+        row["reward_mean"] = float(total.mean())
+        row["reward_std"] = float(total.std(unbiased=False))
+        for k, v in comps.items():
+            row[f"reward/{k}_mean"] = float(v.mean())
+            row[f"reward/{k}_std"] = float(v.std(unbiased=False))
+        finite = bool(torch.isfinite(total).all())
+        t_upd = time.perf_counter()
+        if finite:
+            adv = group_advantages(total, group_ids)
+            row["adv_abs_mean"] = float(adv.abs().mean())
+            row["adv_zero_frac"] = float((adv == 0).float().mean())
+            row.update(self.update(phase, traj, adv, local))
+        else:
+            row["bad_update"] = 1.0
+            warnings.warn(f"iteration {self.iteration + 1}: non-finite reward; update skipped", stacklevel=1)
+        timing["time_update"] = time.perf_counter() - t_upd
+        acts = traj.actions.float().mean(0)  # [T, K]
+        for ki, name in enumerate(ACTION_FIELDS):
+            row[f"action/{name}_mean"] = float(acts[:, ki].mean())
+            for step in range(acts.shape[0]):
+                row[f"action/{name}/t{step:02d}"] = float(acts[step, ki])
+        row.update(timing)
+        row["time_iteration"] = time.perf_counter() - t_start
+        if row.get("bad_update"):
+            self.bad_in_row += 1
+            self.bad_total += 1
+            if row.get("bad_update") and "loss" not in row:
+                warnings.warn(
+                    f"iteration {self.iteration + 1}: non-finite loss; update skipped", stacklevel=1
+                )
+        else:
+            self.bad_in_row = 0
+        row["bad_updates_total"] = self.bad_total
+        self.iteration += 1
+        if (
+            self.dist.is_main
+            and self.recipe.logging.image_every
+            and self.iteration % self.recipe.logging.image_every == 0
+        ):
+            from mdmrl.images import save_grid
+
+            n = min(16, traj.batch_size)
+            with torch.no_grad():
+                imgs = self.parts.backbone.decode(traj.final_tokens[:n])
+            save_grid(
+                imgs.float().cpu(),
+                traj.prompts[:n],
+                self.run_dir / "images" / f"iter_{self.iteration:06d}.png",
+            )
+        return row
+
+    # -- the loop -----------------------------------------------------------------------
+    def train(self, progress=None) -> str:
+        """Iterate until the plan is done, a stop is requested (Ctrl-C) or too many
+        non-finite updates in a row. Returns "done", "interrupted" or "diverged"."""
+        lg = self.recipe.logging
+        self.metrics = MetricsLog(self.run_dir, lg.tensorboard) if self.dist.is_main else None
+        if self.metrics:
+            self.metrics.truncate(self.iteration + 1)
+        prev = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            if self.stop.requested:
+                raise KeyboardInterrupt
+            self.stop.requested = True
+            self.log(
+                "mdmrl: Ctrl-C: finishing this iteration, then writing a checkpoint (Ctrl-C again to abort)"
+            )
+
+        try:
+            signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread
+            prev = None
+        status = "done"
+        try:
+            while self.iteration < len(self.plan):
+                row = self.iterate()
+                if self.metrics:
+                    self.metrics.append(row)
+                if progress:
+                    progress(self.iteration, len(self.plan), row)
+                if self.bad_in_row >= self.recipe.train.max_bad_updates:
+                    status = "diverged"
+                    self.log(
+                        f"mdmrl: {self.bad_in_row} non-finite updates in a row; stopping. "
+                        f"The last good checkpoint is kept in {self.run_dir / 'checkpoints'}"
+                    )
+                    break
+                if row.get("bad_update"):
+                    continue  # never checkpoint a state that just produced a non-finite value
+                last = self.iteration == len(self.plan)
+                if self.stop.requested or last or self.iteration % lg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.stop.requested:
+                    status = "interrupted"
+                    break
+        finally:
+            if prev is not None:
+                signal.signal(signal.SIGINT, prev)
+            self.worker.close()
+            if self.metrics:
+                self.metrics.close()
+        return status
+
+
+def recipe_digest(loaded: LoadedRecipe) -> str:
+    import hashlib
+
+    data = resolved_dict(loaded)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

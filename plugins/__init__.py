@@ -1,0 +1,1 @@
+"""First-party mdmrl plug-ins, registered through the ``mdmrl`` entry-point group."""

@@ -1,0 +1,29 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    """The process registry holding only the test toys (no entry points)."""
+    from toy_plugin import TOYS
+
+    from mdmrl import plugins
+
+    reg = plugins.Registry()
+    reg.register_plugin(TOYS, "toys", "mdmrl-tests", "0")
+    monkeypatch.setattr(plugins, "_REGISTRY", reg)
+    return reg
+
+
+@pytest.fixture
+def toy_recipe(tmp_path):
+    from toy_plugin import TOY_RECIPE
+
+    path = tmp_path / "toy.toml"
+    path.write_text(TOY_RECIPE)
+    return path

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from mdmrl import checkpoint as ckpt
+from mdmrl.engine import phase_plan
+from mdmrl.recipe import TrainSpec
+from mdmrl.runner import run
+
+
+def test_phase_plan_alternating_and_modes():
+    t = TrainSpec(mode="alternating", cycles=2, model_iterations=2, schedule_iterations=1)
+    assert phase_plan(t) == [("model", 0), ("model", 0), ("schedule", 0), ("model", 1), ("model", 1), ("schedule", 1)]
+    t.schedule_first = True
+    assert [p for p, _ in phase_plan(t)][:3] == ["schedule", "model", "model"]
+    assert phase_plan(TrainSpec(mode="naive", iterations=3)) == [("model", 0)] * 3
+    assert phase_plan(TrainSpec(mode="joint", iterations=2)) == [("joint", 0)] * 2
+    assert phase_plan(TrainSpec(mode="schedule_only", iterations=1)) == [("schedule", 0)]
+
+
+def test_full_run_writes_the_run_directory(toy_registry, toy_recipe, tmp_path, capsys):
+    rd = run(str(toy_recipe), str(tmp_path / "run"), [], progress=False)
+    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["phase"] for r in rows] == ["model", "model", "schedule"] * 2
+    for key in ("reward_mean", "reward/toy-count_mean", "ratio_mean", "time_rollout", "time_update",
+                "action/remask_ratio/t00", "grad_norm_model"):
+        assert key in rows[0], key
+    assert "grad_norm_schedule" in rows[2] and "grad_norm_model" not in rows[2]
+    header = (rd / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "reward_mean" in header
+    assert (rd / "recipe.toml").read_text().startswith("# Resolved recipe")
+    env = json.loads((rd / "environment.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    assert sorted(p.name for p in (rd / "images").iterdir()) == ["iter_000002.png", "iter_000004.png",
+                                                                 "iter_000006.png"]
+    assert [p.name for p in ckpt.list_checkpoints(rd / "checkpoints")] == ["iter_000005", "iter_000006"]
+    assert (rd / "eval" / "base@3.json").is_file() and (rd / "eval" / "trained@3.json").is_file()
+    assert (rd / "plots" / "rewards.png").is_file() and (rd / "plots" / "schedule.png").is_file()
+    summary = (rd / "eval" / "summary.md").read_text()
+    assert "| overall |" in summary and "gain" in summary
+    assert "Held-out evaluation at 3 steps" in capsys.readouterr().out
+
+
+def test_training_changes_only_the_phase_parameters(toy_registry, toy_recipe, tmp_path):
+    from mdmrl.build import build_parts
+    from mdmrl.engine import Trainer
+    from mdmrl.recipe import load
+
+    loaded = load(toy_recipe)
+    parts = build_parts(loaded)
+    tr = Trainer(loaded, parts, tmp_path, torch.device("cpu"))
+    bb0 = {k: v.clone() for k, v in parts.backbone.state_dict().items()}
+    s0 = parts.schedule.bias.detach().clone()
+    row = tr.iterate()  # model phase
+    assert row["phase"] == "model"
+    assert any(not torch.equal(bb0[k], v) for k, v in parts.backbone.state_dict().items())
+    assert torch.equal(parts.schedule.bias.detach(), s0)
+    tr.iterate()
+    bb1 = {k: v.clone() for k, v in parts.backbone.state_dict().items()}
+    row = tr.iterate()  # schedule phase
+    assert row["phase"] == "schedule"
+    assert all(torch.equal(bb1[k], v) for k, v in parts.backbone.state_dict().items())
+    assert not torch.equal(parts.schedule.bias.detach(), s0)
+
+
+def test_nan_rewards_skip_updates_and_stop_with_the_last_good_checkpoint(toy_registry, toy_recipe, tmp_path):
+    text = toy_recipe.read_text().replace('name = "toy-count"', 'name = "toy-nan"').replace("target = 1", "")
+    toy_recipe.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        run(str(toy_recipe), str(tmp_path / "nan"), ["train.max_bad_updates=2"], progress=False)
+    assert exc.value.code == 3
+    rows = [json.loads(x) for x in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["bad_update"] == 1.0 for r in rows)
+    assert ckpt.list_checkpoints(tmp_path / "nan" / "checkpoints") == []
+
+
+def test_existing_run_dir_is_refused_without_overwrite(toy_registry, toy_recipe, tmp_path):
+    from mdmrl.errors import UserError
+
+    rd = tmp_path / "exists"
+    rd.mkdir()
+    (rd / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="already exists"):
+        run(str(toy_recipe), str(rd), [], progress=False)
+    assert (rd / "keep.txt").read_text() == "precious"
