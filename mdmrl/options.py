@@ -96,8 +96,11 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
 def _check_range(meta: typing.Mapping, value: Any, path: str, problems: list[str]) -> None:
     if value is None:
         return
-    items = value if isinstance(value, list) else [value]
-    for v in items:
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_range(meta, v, f"{path}[{i}]", problems)
+        return
+    for v in [value]:
         if "choices" in meta and v not in meta["choices"]:
             allowed = ", ".join(str(c) for c in meta["choices"])
             problems.append(f"{path}: {v!r} is not allowed; choose one of: {allowed}")

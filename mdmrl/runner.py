@@ -128,7 +128,8 @@ def run(
             raise UserError("run: a RECIPE or --resume RUN_DIR is required")
         loaded = rc.load(recipe_path, overrides)
         rd = Path(run_dir) if run_dir else rundir.default_run_dir(recipe_path)
-        rundir.prepare(rd, overwrite)
+        if dist.is_main:
+            rundir.prepare(rd, overwrite)
     device = resolve_device(loaded.recipe.device)
     if device.type == "cuda" and dist.active:
         device = torch.device("cuda", dist.local_rank)

@@ -11,7 +11,14 @@ from mdmrl.runner import run
 
 def test_phase_plan_alternating_and_modes():
     t = TrainSpec(mode="alternating", cycles=2, model_iterations=2, schedule_iterations=1)
-    assert phase_plan(t) == [("model", 0), ("model", 0), ("schedule", 0), ("model", 1), ("model", 1), ("schedule", 1)]
+    assert phase_plan(t) == [
+        ("model", 0),
+        ("model", 0),
+        ("schedule", 0),
+        ("model", 1),
+        ("model", 1),
+        ("schedule", 1),
+    ]
     t.schedule_first = True
     assert [p for p, _ in phase_plan(t)][:3] == ["schedule", "model", "model"]
     assert phase_plan(TrainSpec(mode="naive", iterations=3)) == [("model", 0)] * 3
@@ -24,8 +31,15 @@ def test_full_run_writes_the_run_directory(toy_registry, toy_recipe, tmp_path, c
     rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["phase"] for r in rows] == ["model", "model", "schedule"] * 2
-    for key in ("reward_mean", "reward/toy-count_mean", "ratio_mean", "time_rollout", "time_update",
-                "action/remask_ratio/t00", "grad_norm_model"):
+    for key in (
+        "reward_mean",
+        "reward/toy-count_mean",
+        "ratio_mean",
+        "time_rollout",
+        "time_update",
+        "action/remask_ratio/t00",
+        "grad_norm_model",
+    ):
         assert key in rows[0], key
     assert "grad_norm_schedule" in rows[2] and "grad_norm_model" not in rows[2]
     header = (rd / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -33,8 +47,11 @@ def test_full_run_writes_the_run_directory(toy_registry, toy_recipe, tmp_path, c
     assert (rd / "recipe.toml").read_text().startswith("# Resolved recipe")
     env = json.loads((rd / "environment.json").read_text())
     assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
-    assert sorted(p.name for p in (rd / "images").iterdir()) == ["iter_000002.png", "iter_000004.png",
-                                                                 "iter_000006.png"]
+    assert sorted(p.name for p in (rd / "images").iterdir()) == [
+        "iter_000002.png",
+        "iter_000004.png",
+        "iter_000006.png",
+    ]
     assert [p.name for p in ckpt.list_checkpoints(rd / "checkpoints")] == ["iter_000005", "iter_000006"]
     assert (rd / "eval" / "base@3.json").is_file() and (rd / "eval" / "trained@3.json").is_file()
     assert (rd / "plots" / "rewards.png").is_file() and (rd / "plots" / "schedule.png").is_file()

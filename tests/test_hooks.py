@@ -46,8 +46,13 @@ def test_hook_register_rewarders(toy_registry, toy_recipe):
 def test_hook_register_objectives(toy_registry, toy_recipe):
     p = _parts(toy_recipe)
     traj = p.sampler.sample(p.backbone, p.schedule, ["a b"] * 4, 3, torch.arange(4))
-    pol = Policies(p.backbone, p.schedule, p.sampler, p.backbone.encode_prompts(traj.prompts),
-                   p.backbone.null_conditioning(4))
+    pol = Policies(
+        p.backbone,
+        p.schedule,
+        p.sampler,
+        p.backbone.encode_prompts(traj.prompts),
+        p.backbone.null_conditioning(4),
+    )
     out = p.objective.loss(pol, traj, torch.tensor([1.0, -1.0, 0.5, -0.5]), [0, 1, 2], "joint")
     out.loss.backward()
     assert out.stats["ratio_mean"] == 1.0  # on-policy

@@ -95,7 +95,10 @@ def test_sigkill_then_resume_reproduces_the_metrics(reference, toy_registry, tmp
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     done = ckpt.list_checkpoints(run_dir / "checkpoints")
     assert done, "the killed run wrote no complete checkpoint"
-    assert not any(p.name.startswith(".tmp") for p in (run_dir / "checkpoints").iterdir()) or kind == "checkpoint_write"
+    assert (
+        not any(p.name.startswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
+        or kind == "checkpoint_write"
+    )
     run(None, None, [], resume=str(run_dir), progress=False)
     assert _rows(run_dir) == ref_rows
 

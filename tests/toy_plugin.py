@@ -63,7 +63,9 @@ class ToyLearnedSchedule(ToySchedule):
 
     def act(self, step, num_steps, batch_size, features, generator, deterministic=False):
         mean = self._mean(step, num_steps)
-        noise = torch.zeros(batch_size) if deterministic else torch.randn(batch_size, generator=generator) * 0.3
+        noise = (
+            torch.zeros(batch_size) if deterministic else torch.randn(batch_size, generator=generator) * 0.3
+        )
         raw_r = (mean + noise).detach()
         raw = torch.zeros(batch_size, NUM_ACTIONS)
         raw[:, 0], raw[:, 1] = 1.0, raw_r
@@ -89,7 +91,9 @@ class ToySampler(Sampler):
         out = backbone(tokens, cond, timestep)
         return torch.log_softmax(out.logits / temperature[:, None, None], -1), out.features
 
-    def sample(self, backbone, schedule, prompts, num_steps, seeds, group_ids=None, deterministic_schedule=False):
+    def sample(
+        self, backbone, schedule, prompts, num_steps, seeds, group_ids=None, deterministic_schedule=False
+    ):
         b, n = len(prompts), backbone.num_tokens
         mask = backbone.mask_token_id
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -100,7 +104,10 @@ class ToySampler(Sampler):
             for t in range(num_steps):
                 masked = tokens == mask
                 timestep = masked.float().mean(1)
-                acts, raw, sl = schedule.act(t, num_steps, b, None, gens[0], deterministic_schedule)
+                per_row = [
+                    schedule.act(t, num_steps, 1, None, gens[i], deterministic_schedule) for i in range(b)
+                ]
+                acts, raw, sl = (torch.cat(x) for x in zip(*per_row))
                 logp, _ = self._log_probs(backbone, tokens, cond, timestep, acts[:, 0])
                 new = tokens.clone()
                 fill = torch.zeros(b, n, dtype=torch.bool)
@@ -110,7 +117,9 @@ class ToySampler(Sampler):
                     idx = masked[i].nonzero().flatten()
                     order = idx[torch.randperm(idx.numel(), generator=gens[i])]
                     chosen = order[: m - max(keep, 0)]
-                    gumbel = -torch.log(-torch.log(torch.rand(chosen.numel(), logp.shape[-1], generator=gens[i])))
+                    gumbel = -torch.log(
+                        -torch.log(torch.rand(chosen.numel(), logp.shape[-1], generator=gens[i]))
+                    )
                     new[i, chosen] = (logp[i, chosen] + gumbel).argmax(-1)
                     fill[i, chosen] = True
                 lp = (logp.gather(-1, new.clamp_max(logp.shape[-1] - 1)[..., None])[..., 0] * fill).sum(1)
@@ -205,7 +214,11 @@ class ToyObjective(Objective):
         allr = torch.cat(ratios)
         return LossOutput(
             loss=total / len(terms),
-            stats={"ratio_mean": float(allr.mean()), "ratio_min": float(allr.min()), "ratio_max": float(allr.max())},
+            stats={
+                "ratio_mean": float(allr.mean()),
+                "ratio_min": float(allr.min()),
+                "ratio_max": float(allr.max()),
+            },
         )
 
 

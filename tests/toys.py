@@ -42,7 +42,9 @@ class TinyBackbone(Backbone):
         self.pos = nn.Parameter(torch.randn(n, o.dim, generator=g) * 0.5)
         self.words = nn.Parameter(torch.randn(64, o.dim, generator=g) * 0.5)
         self.time = nn.Parameter(torch.randn(o.dim, generator=g) * 0.5)
-        self.attn = nn.MultiheadAttention(o.dim, 2, batch_first=True)
+        self.attn = nn.MultiheadAttention(
+            o.dim, 2, batch_first=True, bias=False
+        )  # a key bias has zero gradient
         self.head = nn.Linear(o.dim, o.codebook_size)
         with torch.no_grad():
             for p in list(self.attn.parameters()) + list(self.head.parameters()):

@@ -1,0 +1,288 @@
+"""The command line: listing, validation, and a corpus of bad input. Every bad input
+gives one line on stderr naming the field or file, exit code 2, no traceback, and no
+run directory left behind."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from toy_plugin import TOY_RECIPE
+
+from mdmrl.cli import main
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _recipe(tmp_path, text):
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def _sub(text: str, old: str, new: str) -> str:
+    assert old in text, old
+    return text.replace(old, new, 1)
+
+
+# (description, recipe text transform, extra args, expected fragment of the error line)
+BAD_RECIPES = [
+    ("syntax error", lambda t: t + "\n[train\n", [], "TOML syntax error"),
+    ("unknown top-level key", lambda t: "sede = 1\n" + t, [], "sede: unknown key"),
+    (
+        "unknown train key",
+        lambda t: _sub(t, "[train]\n", "[train]\nlearning_rate = 1\n"),
+        [],
+        "train.learning_rate: unknown key",
+    ),
+    (
+        "wrong type",
+        lambda t: _sub(t, "seed = 3", 'seed = "three"'),
+        [],
+        "seed: expected int, got string 'three'",
+    ),
+    ("negative seed", lambda t: _sub(t, "seed = 3", "seed = -1"), [], "seed: -1 is below the minimum 0"),
+    (
+        "group size 1",
+        lambda t: _sub(t, "group_size = 4", "group_size = 1"),
+        [],
+        "train.model.group_size: 1 is below the minimum 2",
+    ),
+    (
+        "negative lr",
+        lambda t: _sub(t, "lr = 0.05", "lr = -0.1"),
+        [],
+        "train.model.lr: -0.1 must be greater than 0.0",
+    ),
+    (
+        "zero steps",
+        lambda t: _sub(t, "steps = 3", "steps = 0"),
+        [],
+        "sampler.steps: 0 is below the minimum 1",
+    ),
+    (
+        "bad mode",
+        lambda t: _sub(t, 'mode = "alternating"', 'mode = "both"'),
+        [],
+        "train.mode: 'both' is not allowed",
+    ),
+    (
+        "batch not multiple of G",
+        lambda t: _sub(t, "batch_size = 8", "batch_size = 10"),
+        [],
+        "not a multiple of",
+    ),
+    (
+        "unknown backbone",
+        lambda t: _sub(t, 'name = "tiny"', 'name = "tinny"'),
+        [],
+        "Unknown backbone 'tinny'. Available: tiny.",
+    ),
+    (
+        "unknown sampler",
+        lambda t: _sub(t, 'name = "toy-sampler"', 'name = "confidnce"'),
+        [],
+        "Unknown sampler 'confidnce'",
+    ),
+    (
+        "unknown rewarder",
+        lambda t: _sub(t, 'name = "toy-count"', 'name = "nope"'),
+        [],
+        "rewards[0].name: Unknown rewarder 'nope'",
+    ),
+    (
+        "unknown objective",
+        lambda t: _sub(t, 'name = "toy-pg"', 'name = "ppo"'),
+        [],
+        "Unknown objective 'ppo'",
+    ),
+    (
+        "unknown prompt source",
+        lambda t: _sub(t, 'name = "toy-prompts"', 'name = "x"'),
+        [],
+        "Unknown prompts 'x'",
+    ),
+    (
+        "plugin option unknown",
+        lambda t: _sub(t, "target = 1", "targt = 1"),
+        [],
+        "rewards[0].options.targt: unknown key",
+    ),
+    (
+        "plugin option range",
+        lambda t: _sub(t, "target = 1", "target = -3"),
+        [],
+        "rewards[0].options.target: -3 is below",
+    ),
+    (
+        "plugin option type",
+        lambda t: _sub(t, 'name = "toy-pg"', 'name = "toy-pg"\noptions = { clip_eps = "x" }'),
+        [],
+        "objective.options.clip_eps: expected float",
+    ),
+    (
+        "clip eps zero",
+        lambda t: _sub(t, 'name = "toy-pg"', 'name = "toy-pg"\noptions = { clip_eps = 0.0 }'),
+        [],
+        "must be greater than 0.0",
+    ),
+    (
+        "no rewards",
+        lambda t: t.replace(
+            '[[rewards]]\nname = "toy-count"\nweight = 1.0\n[rewards.options]\ntarget = 1\n', ""
+        ),
+        [],
+        "rewards: required, missing",
+    ),
+    ("zero weights", lambda t: _sub(t, "weight = 1.0", "weight = 0.0"), [], "every weight is 0"),
+    (
+        "missing backbone",
+        lambda t: _sub(t, '[backbone]\nname = "tiny"\n', ""),
+        [],
+        "backbone: required, missing",
+    ),
+    (
+        "rewards not a list",
+        lambda t: t.replace("[[rewards]]", "[rewards]").replace("[rewards.options]\ntarget = 1\n", ""),
+        [],
+        "rewards: expected list of table",
+    ),
+    ("bad device", lambda t: _sub(t, 'device = "cpu"', 'device = "tpu"'), [], "device: 'tpu' is not allowed"),
+    (
+        "timestep fraction > 1",
+        lambda t: _sub(t, "[train]\n", "[train]\ntimestep_fraction = 1.5\n"),
+        [],
+        "train.timestep_fraction: 1.5 is above the maximum 1.0",
+    ),
+    (
+        "betas wrong length",
+        lambda t: _sub(t, "lr = 0.05", "lr = 0.05\nbetas = [0.9]"),
+        [],
+        "train.model.betas: expected 2 numbers",
+    ),
+    (
+        "eval steps zero",
+        lambda t: _sub(t, "steps = [3]", "steps = [0]"),
+        [],
+        "eval.steps[0]: 0 is below the minimum 1",
+    ),
+    ("bad override key", lambda t: t, ["--set", "train.lrr=1"], "train.lrr: unknown key"),
+    ("override without =", lambda t: t, ["--set", "train.lr"], "--set 'train.lr': expected key.path=value"),
+    ("override wrong type", lambda t: t, ["--set", "seed=abc"], "seed: expected int, got string 'abc'"),
+    (
+        "schedule phase with a fixed schedule",
+        lambda t: _sub(t, 'name = "toy-learned"', 'name = "toy-cosine"'),
+        [],
+        "has no trainable parameters",
+    ),
+    (
+        "mixed precision choice",
+        lambda t: _sub(t, "[train]\n", '[train]\nmixed_precision = "fp8"\n'),
+        [],
+        "train.mixed_precision: 'fp8' is not allowed",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("desc", "transform", "extra", "fragment"), BAD_RECIPES, ids=[b[0] for b in BAD_RECIPES]
+)
+def test_bad_recipe_gives_one_clear_line(toy_registry, tmp_path, capsys, desc, transform, extra, fragment):
+    path = _recipe(tmp_path, transform(TOY_RECIPE))
+    run_dir = tmp_path / "run"
+    code = main(["run", path, "--run-dir", str(run_dir), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err, err
+    assert "Traceback" not in err
+    assert err.startswith("mdmrl: error: ")
+    assert not run_dir.exists(), "a failed start must leave no run directory"
+
+
+BAD_COMMANDS = [
+    (["run", "missing.toml"], "missing.toml: recipe file not found"),
+    (["run", "."], "is a directory"),
+    (["validate", "nope.toml"], "nope.toml: recipe file not found"),
+    (["run", "--resume", "no_such_run"], "no_such_run: not a run directory"),
+    (["eval", "--checkpoint", "no/such/ckpt"], "no/such/ckpt: checkpoint not found"),
+    (["report", "no_such_run"], "no_such_run: not a run directory"),
+    (["run", "--num-processes", "0", "x.toml"], "--num-processes: 0 is not allowed"),
+    (["pretrain", "none.toml"], "none.toml: recipe file not found"),
+]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), BAD_COMMANDS, ids=[" ".join(a[0]) for a in BAD_COMMANDS])
+def test_bad_command_line(toy_registry, tmp_path, capsys, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err, err
+
+
+def test_existing_run_dir_and_unwritable_parent(toy_registry, tmp_path, capsys):
+    path = _recipe(tmp_path, TOY_RECIPE)
+    existing = tmp_path / "old"
+    existing.mkdir()
+    (existing / "metrics.jsonl").write_text("{}\n")
+    assert main(["run", path, "--run-dir", str(existing), "--no-progress"]) == 2
+    assert "already exists; use --resume" in capsys.readouterr().err
+    assert (existing / "metrics.jsonl").read_text() == "{}\n"
+    if os.geteuid() != 0:  # root can write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert main(["run", path, "--run-dir", str(ro / "x"), "--no-progress"]) == 2
+        assert "not writable" in capsys.readouterr().err
+
+
+def test_resume_with_no_checkpoint(toy_registry, tmp_path, capsys):
+    rd = tmp_path / "r"
+    rd.mkdir()
+    (rd / "recipe.toml").write_text(TOY_RECIPE)
+    assert main(["run", "--resume", str(rd)]) == 2
+    assert "no complete checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_all_problems_are_listed_at_once(toy_registry, tmp_path, capsys):
+    text = _sub(_sub(TOY_RECIPE, "seed = 3", "seed = -1"), 'name = "tiny"', 'name = "tinny"')
+    assert main(["validate", _recipe(tmp_path, text)]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "seed: -1" in err and "Unknown backbone 'tinny'" in err
+
+
+def test_debug_shows_the_traceback(toy_registry, tmp_path):
+    from mdmrl.errors import UserError
+
+    with pytest.raises(UserError):
+        main(["--debug", "validate", str(tmp_path / "none.toml")])
+
+
+def test_validate_and_plugins_list(toy_registry, tmp_path, capsys):
+    assert main(["validate", _recipe(tmp_path, TOY_RECIPE)]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out and "backbone=tiny" in out
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "toy-sampler" in out and "sampler" in out and "mdmrl-tests" in out
+
+
+def test_eval_and_sample_commands(toy_registry, tmp_path, capsys):
+    path = _recipe(tmp_path, TOY_RECIPE)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# comment\nred big\n\nblue small\nstyleA\tgreen big\n")
+    assert main(["eval", path, "--prompts", str(prompts), "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| overall |" in out and "| styleA |" in out
+    assert main(["sample", path, "--prompt", "red big", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_cli_subprocess_exit_code_and_single_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdmrl", "validate", str(tmp_path / "x.toml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MDMRL_LOAD_PLUGINS": ""},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "recipe file not found" in proc.stderr
