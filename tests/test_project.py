@@ -82,3 +82,17 @@ def test_docs_pages_exist_and_are_linked():
     ):
         assert (ROOT / "docs" / page).is_file(), page
         assert f"docs/{page}" in readme, page
+
+
+def _sources():
+    for base in ("mdmrl", "plugins"):
+        yield from (ROOT / base).rglob("*.py")
+
+
+def test_no_unrestricted_pickle_loads_and_no_remote_code_by_default():
+    for path in _sources():
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in m.group(1) or "allow_pickle" in text, f"{path}: torch.load without weights_only"
+        assert "pickle.load" not in text, path
+        assert "trust_remote_code=True" not in text, path

@@ -43,6 +43,15 @@ elif kind == "optimizer_step":
         bomb()
         return real_step(self, *a, **k)
     torch.optim.AdamW.step = step
+elif kind == "sigint":
+    import mdmrl.rundir as rd
+    real_append = rd.MetricsLog.append
+    def append(self, row):
+        real_append(self, row)
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+    rd.MetricsLog.append = append
 elif kind == "after_metrics":
     import mdmrl.rundir as rd
     real_append = rd.MetricsLog.append
@@ -123,3 +132,16 @@ def test_resume_rejects_a_checkpoint_of_another_recipe(reference, toy_registry, 
     (rd / "recipe.toml").write_text(text)
     with pytest.raises(UserError, match="different recipe"):
         run(None, None, [], resume=str(rd), progress=False)
+
+
+def test_ctrl_c_finishes_the_iteration_checkpoints_and_resumes_exactly(reference, toy_registry, tmp_path):
+    recipe, ref_rows = reference
+    run_dir = tmp_path / "int"
+    code = BOOT.format(tests=str(TESTS), kind="sigint", n=2, recipe=str(recipe), run_dir=str(run_dir))
+    env = {**os.environ, "MDMRL_LOAD_PLUGINS": ""}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "writing a checkpoint" in proc.stderr and "--resume" in proc.stderr
+    assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")][-1] == "iter_000002"
+    run(None, None, [], resume=str(run_dir), progress=False)
+    assert _rows(run_dir) == ref_rows

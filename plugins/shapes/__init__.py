@@ -1,0 +1,1 @@
+"""The embedded world: procedural shape scenes, exact rewards and a small MDM."""
