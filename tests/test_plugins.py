@@ -40,7 +40,7 @@ def _fake_entry_points(monkeypatch, eps):
 
 def test_first_party_plugins_are_discovered_through_entry_points():
     eps = {e.name: e.value for e in md.entry_points(group="mdmrl")}
-    for family in ("shapes", "cogrpo", "maskgrpo", "meissonic", "amused", "rewards"):
+    for family in ("shapes", "cogrpo", "maskgrpo", "meissonic", "amused", "rewards", "prompts"):
         assert eps[family] == f"mdmrl_plugins.{family}.plugin"
 
 

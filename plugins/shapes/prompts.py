@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from mdmrl_plugins.shapes.grammar import FAMILIES, family_prompts, sample_prompt
+from mdmrl_plugins.shapes.grammar import FAMILIES, family_prompts, parse, sample_prompt
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import BuildContext, PromptSource
@@ -89,6 +89,11 @@ class _ShapesPrompts(PromptSource):
             pool = pools[f]
             out.append(pool[(i // len(self.families)) % len(pool)])
         return out
+
+    def categorize(self, prompts: list[str]) -> list[str]:
+        """The GenEval family of each prompt ("other" for grammar prompts outside the
+        six families); prompts outside the grammar raise UserError."""
+        return [parse(p).family or "other" for p in prompts]
 
 
 class ShapesTrainPrompts(_ShapesPrompts):

@@ -117,3 +117,13 @@ def test_recipe_validation_rejects_unknown_families_and_small_counts():
 def test_from_options_rejects_bad_options(options, match):
     with pytest.raises(UserError, match=match):
         ShapesHeldoutPrompts.from_options(options, BuildContext())
+
+
+def test_categorize_gives_the_family_of_each_prompt():
+    from mdmrl_plugins.shapes.prompts import ShapesHeldoutPrompts
+
+    src = ShapesHeldoutPrompts()
+    prompts = src.evaluation()
+    cats = src.categorize(prompts)
+    assert set(cats) == {"single_object", "two_objects", "counting", "colors", "position", "color_attr"}
+    assert src.categorize(["A red circle", "three triangles", "a circle to the left of a square"]) == ["colors", "counting", "position"]
