@@ -1,0 +1,1 @@
+"""Reward-model plug-ins: ImageReward, HPSv2, CLIP score."""
