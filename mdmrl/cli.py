@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, action="append", help="step count (repeatable)")
     e.add_argument("--seeds", type=int, help="samples per prompt")
     e.add_argument("--out", help="also write the results as JSON")
+    e.add_argument("--write-images", metavar="DIR", help="also write every image, in --layout")
+    e.add_argument("--layout", default="plain", help="image layout: geneval, dpg or plain")
     overrides(e)
 
     s = sub.add_parser("sample", help="generate images for prompts into a PNG grid")
@@ -186,7 +188,15 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         print(
             eval_command(
-                args.recipe, args.prompts, args.checkpoint, args.steps, args.seeds, args.overrides, args.out
+                args.recipe,
+                args.prompts,
+                args.checkpoint,
+                args.steps,
+                args.seeds,
+                args.overrides,
+                args.out,
+                args.write_images,
+                args.layout,
             )
         )
         return 0

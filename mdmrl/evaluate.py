@@ -55,12 +55,15 @@ def evaluate(
     deterministic: bool = True,
     batch_size: int = 64,
     keep_images: int = 0,
+    image_sink=None,
 ) -> dict:
     """Sample every prompt ``seeds`` times at ``steps`` steps and score it.
 
     Returns {"steps", "prompts", "seeds", "metrics": {metric: {category: {"mean",
     "std", "per_seed"}}}, "images": first ``keep_images`` finished token grids}.
     ``std`` is the standard deviation over seeds of the per-seed mean.
+    ``image_sink(prompt_index, seed_index, image [3, H, W])``, when given, receives
+    every decoded image (for writing benchmark folder layouts).
     """
     was_training = backbone.training, schedule.training
     backbone.eval()
@@ -75,7 +78,12 @@ def evaluate(
         tokens = traj.final_tokens
         if len(kept) < keep_images:
             kept.append(tokens[: keep_images - len(kept)].cpu())
-        results.append(rewarder(GeneratedBatch(ps, tokens, backbone.grid_shape, backbone.decode)))
+        batch = GeneratedBatch(ps, tokens, backbone.grid_shape, backbone.decode)
+        results.append(rewarder(batch))
+        if image_sink is not None:
+            images = batch.images.float().cpu()
+            for k, (s, i) in enumerate(chunk):
+                image_sink(i, s, images[k])
     backbone.train(was_training[0])
     schedule.train(was_training[1])
     res = concat_results(results)

@@ -216,14 +216,34 @@ def load_for_eval(
     return loaded, parts
 
 
-def eval_command(recipe_path, prompts_file, checkpoint, steps, seeds, overrides, out) -> str:
+def _eval_prompts_from(
+    path: str, parts: Parts
+) -> tuple[list[str], list[str], list[dict] | None, list[str] | None]:
+    """Prompts (and categories, GenEval metadata, DPG ids) from a plain-text file, a
+    GenEval metadata .jsonl, or a DPG-Bench folder of <id>.txt files."""
     from mdmrl.evaluate import read_prompt_file
+    from mdmrl.export import read_dpg_folder, read_geneval_metadata
 
+    p = Path(path)
+    if p.is_dir():
+        prompts, ids = read_dpg_folder(p)
+        return prompts, ["all"] * len(prompts), None, ids
+    if p.suffix == ".jsonl" and p.is_file():
+        prompts, meta = read_geneval_metadata(p)
+        return prompts, [str(m.get("tag", "all")) for m in meta], meta, None
+    prompts, cats = read_prompt_file(path)
+    if cats is None:
+        cats = parts.eval_prompts.categorize(prompts)
+    return prompts, cats, None, None
+
+
+def eval_command(
+    recipe_path, prompts_file, checkpoint, steps, seeds, overrides, out, write_images=None, layout="plain"
+) -> str:
     loaded, parts = load_for_eval(recipe_path, checkpoint, overrides)
+    meta = ids = None
     if prompts_file:
-        prompts, cats = read_prompt_file(prompts_file)
-        if cats is None:
-            cats = parts.eval_prompts.categorize(prompts)
+        prompts, cats, meta, ids = _eval_prompts_from(prompts_file, parts)
     else:
         prompts, cats = eval_prompts(parts, loaded.recipe.eval.max_prompts)
     steps = steps or loaded.recipe.eval.steps
@@ -231,6 +251,12 @@ def eval_command(recipe_path, prompts_file, checkpoint, steps, seeds, overrides,
     label = "checkpoint" if checkpoint else "base"
     blocks, dump = [], {}
     for t in steps:
+        sink = None
+        if write_images:
+            from mdmrl.export import ImageWriter
+
+            target = Path(write_images) / f"steps{t}" if len(steps) > 1 else Path(write_images)
+            sink = ImageWriter(target, layout, prompts, seeds, metadata=meta, ids=ids)
         res = evaluate(
             parts.backbone,
             parts.schedule,
@@ -242,6 +268,7 @@ def eval_command(recipe_path, prompts_file, checkpoint, steps, seeds, overrides,
             seeds,
             deterministic=loaded.recipe.eval.deterministic_schedule,
             batch_size=loaded.recipe.train.rollout_batch,
+            image_sink=sink,
         )
         res.pop("images")
         dump[t] = res

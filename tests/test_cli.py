@@ -286,3 +286,69 @@ def test_cli_subprocess_exit_code_and_single_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "recipe file not found" in proc.stderr
+
+
+def test_eval_writes_geneval_and_dpg_layouts(toy_registry, tmp_path, capsys):
+    import json as _json
+
+    path = _recipe(tmp_path, TOY_RECIPE)
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text(
+        '{"tag": "single_object", "include": [], "prompt": "red big"}\n'
+        '{"tag": "colors", "include": [], "prompt": "blue small"}\n'
+    )
+    out = tmp_path / "geneval"
+    assert (
+        main(
+            [
+                "eval",
+                path,
+                "--prompts",
+                str(meta),
+                "--seeds",
+                "2",
+                "--write-images",
+                str(out),
+                "--layout",
+                "geneval",
+            ]
+        )
+        == 0
+    )
+    assert "| single_object |" in capsys.readouterr().out
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == [
+        "00000/metadata.jsonl",
+        "00000/samples/0000.png",
+        "00000/samples/0001.png",
+        "00001/metadata.jsonl",
+        "00001/samples/0000.png",
+        "00001/samples/0001.png",
+    ]
+    assert _json.loads((out / "00001" / "metadata.jsonl").read_text())["tag"] == "colors"
+    dpg = tmp_path / "dpg_prompts"
+    dpg.mkdir()
+    (dpg / "a1.txt").write_text("red big")
+    (dpg / "b2.txt").write_text("green small")
+    out2 = tmp_path / "dpg"
+    assert (
+        main(
+            [
+                "eval",
+                path,
+                "--prompts",
+                str(dpg),
+                "--seeds",
+                "4",
+                "--write-images",
+                str(out2),
+                "--layout",
+                "dpg",
+            ]
+        )
+        == 0
+    )
+    from PIL import Image
+
+    assert sorted(p.name for p in out2.iterdir()) == ["a1.png", "b2.png"]
+    w, h = Image.open(out2 / "a1.png").size
+    assert (w, h) == (2 * 4, 2 * 3)  # 2x2 tiles of the 3x4 toy images
