@@ -247,6 +247,11 @@ class Objective(Part, ABC):
     #: Phases this objective can train.
     phases: ClassVar[tuple[str, ...]] = PHASES
 
+    def prepare(self, policies: Policies, traj: Trajectory) -> None:
+        """Called once per rollout batch, after rewards and before any update, with the
+        rollout's (old) weights: the place to compute old-policy quantities that the
+        sampler did not record (MaskGRPO's old ELBO). Default: nothing."""
+
     @abstractmethod
     def num_terms(self, traj: Trajectory) -> int:
         """How many loss terms one trajectory batch has."""

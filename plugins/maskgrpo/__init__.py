@@ -1,0 +1,1 @@
+"""MaskGRPO: the emerge sampler and the ELBO-difference objective."""

@@ -1,0 +1,1 @@
+"""Meissonic backbone: a checkpoint-compatible transformer on diffusers and transformers."""
