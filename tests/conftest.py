@@ -27,3 +27,15 @@ def toy_recipe(tmp_path):
     path = tmp_path / "toy.toml"
     path.write_text(TOY_RECIPE)
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny test models run fastest on one thread, and the suite must not fight
+    itself (or other work) for the machine's cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
