@@ -1,0 +1,1 @@
+"""aMUSEd backbone on diffusers UVit2DModel and VQModel."""
