@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mdmrl.errors import UserError
+from mdmrl.estimators import kl_k3 as shared_kl_k3
 from mdmrl.interfaces import PHASES, BuildContext, Objective, Policies
 from mdmrl.trajectory import LossOutput, Trajectory
 
@@ -84,8 +85,7 @@ def kl_k3(new_log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tenso
     float [B]: exp(d) - d - 1 with d = log pi_ref - log pi_theta (always >= 0).
 
     Used on the per-step model log-probs (the KL of Eq. 9/15 is on the model policy)."""
-    d = ref_log_prob.float() - new_log_prob.float()
-    return torch.exp(d) - d - 1.0
+    return shared_kl_k3(new_log_prob, ref_log_prob)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mdmrl.errors import UserError
+from mdmrl.estimators import kl_k3 as shared_kl_k3
 from mdmrl.interfaces import Backbone, BuildContext, Objective, Policies
 from mdmrl.trajectory import Conditioning, LossOutput, Trajectory
 from mdmrl_plugins.maskgrpo.emerge import CFG_SCALE, TEMPERATURE, guided_log_probs
@@ -111,8 +112,7 @@ def clip_active(ratio: torch.Tensor, advantages: torch.Tensor, eps: float) -> to
 def kl_k3(elbo_theta: torch.Tensor, elbo_ref: torch.Tensor) -> torch.Tensor:
     """D_KL estimate of Eq. 10 on the ELBO difference (k3): exp(d) - d - 1 with
     d = l_ref - l_theta, float [B], always >= 0."""
-    d = elbo_ref.float() - elbo_theta.float()
-    return torch.exp(d) - d - 1.0
+    return shared_kl_k3(elbo_theta, elbo_ref)
 
 
 @dataclass
