@@ -1,10 +1,10 @@
 """Project-level checks: README's two commands, CI, packaging, docs, shipped recipes."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +93,8 @@ def test_no_unrestricted_pickle_loads_and_no_remote_code_by_default():
     for path in _sources():
         text = path.read_text()
         for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
-            assert "weights_only=True" in m.group(1) or "allow_pickle" in text, f"{path}: torch.load without weights_only"
+            assert "weights_only=True" in m.group(1) or "allow_pickle" in text, (
+                f"{path}: torch.load without weights_only"
+            )
         assert "pickle.load" not in text, path
         assert "trust_remote_code=True" not in text, path

@@ -1,0 +1,430 @@
+"""Co-GRPO's ablations (Table 2, Tables 5a-5d, Appendix B) and the project's two
+performance targets, on the embedded shapes world.
+
+    python benchmarks/ablate.py [--seeds 3] [--budget quick|full] [--json PATH]
+
+Every run is one of the shipped recipes under ``recipes/shapes/`` plus overrides
+(budget sizing and the ablated option); see docs/results.md for what each table
+measures and how it compares with the paper. Finished runs are cached under
+``benchmarks/out/ablate/<budget>/`` so an interrupted invocation resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _runs import (  # noqa: E402
+    OUT,
+    SMOKE,
+    Budget,
+    Runner,
+    RunSpec,
+    fmt,
+    machine,
+    mean_std,
+    setup_threads,
+    table,
+    write_json,
+)
+
+BUDGETS = {
+    # about 8 minutes on 2 shared CPU cores (shapes-mdm 3x96, patch 2)
+    "quick": Budget(
+        name="quick",
+        batch=16,
+        group=8,
+        train_steps=8,
+        cycles=3,
+        model_iterations=1,
+        schedule_iterations=1,
+        eval_prompts=12,
+        fixed_seeds=3,
+    ),
+    # about 20 minutes on 1 thread of a 2-core CPU (run beside compare_methods.py --budget full)
+    "full": Budget(
+        name="full",
+        batch=16,
+        group=8,
+        train_steps=8,
+        cycles=3,
+        model_iterations=2,
+        schedule_iterations=2,
+        eval_prompts=24,
+        fixed_seeds=3,
+    ),
+}
+
+GAMMAS = (1.0, 1.5, 2.0)
+ALIGN, QUALITY = "shapes-alignment", "shapes-quality"
+
+#: Table 5a: the schedule components made trainable, in the paper's order of addition
+#: (r, then tau_r, then tau_s, then s), each row adding one.
+COMPONENT_ROWS: list[tuple[str, list[str]]] = [
+    ("+r", ["remask_ratio"]),
+    ("+τ_r", ["remask_ratio", "remask_temperature"]),
+    ("+τ_s", ["remask_ratio", "remask_temperature", "temperature"]),
+    ("+s (Co-GRPO)", ["remask_ratio", "remask_temperature", "temperature", "cfg_scale"]),
+]
+
+
+def _list(xs: list[str]) -> str:
+    return "[" + ", ".join(f'"{x}"' for x in xs) + "]"
+
+
+def plan_overrides(b: Budget) -> list[str]:
+    """Iteration counts: the alternating plan, and as many iterations for the other modes."""
+    return [
+        f"train.cycles={b.cycles}",
+        f"train.model_iterations={b.model_iterations}",
+        f"train.schedule_iterations={b.schedule_iterations}",
+        f"train.iterations={b.iterations}",
+    ]
+
+
+def phase_marks(b: Budget) -> list[int]:
+    """Iteration counts at the end of every phase block of the alternating plan."""
+    marks, it = [], 0
+    for _ in range(b.cycles):
+        for n in (b.model_iterations, b.schedule_iterations):
+            if n:
+                it += n
+                marks.append(it)
+    return marks
+
+
+def cycle_marks(b: Budget) -> list[int]:
+    per = b.model_iterations + b.schedule_iterations
+    return [per * (c + 1) for c in range(b.cycles)]
+
+
+def ms(ev: dict | None, metric: str = "total") -> tuple[float, float]:
+    """(mean, std) of an evaluation summary's metric; NaNs when it is missing."""
+    if not ev or metric not in ev:
+        return math.nan, math.nan
+    return float(ev[metric]["mean"]), float(ev[metric]["std"])
+
+
+def run_all(runner: Runner, b: Budget, seeds: list[int]) -> dict:
+    """Every evaluation and training run the tables need; returns the raw results."""
+    t_train = b.train_steps
+    marks = phase_marks(b)
+    plan = plan_overrides(b)
+    raw: dict = {"budget": b.name, "seeds": seeds, "train_steps": t_train, "marks": marks}
+
+    # -- untrained: the fixed schedule at every step count, and Table 2's cos^gamma ----------
+    fixed_steps = sorted(set(b.transfer_steps) | set(b.table2_steps) | set(b.target_steps) | {t_train})
+    res = runner.evaluate_untrained("fixed schedule", "fixed_schedule", [], fixed_steps, b.fixed_seeds)
+    raw["fixed"] = res["evals"] if res else {}
+    raw["table2"] = {}
+    for g in GAMMAS:
+        if g == 1.0 and same_as_meissonic(runner):
+            # cos^1 with the recipe's tau_r ramp, tau_s and s *is* the meissonic schedule:
+            # the same evaluation, so it is not repeated.
+            raw["table2"][str(g)] = {
+                t: raw["fixed"][t] for t in map(str, b.table2_steps) if t in raw["fixed"]
+            }
+            continue
+        res = runner.evaluate_untrained(
+            f"cos^{g}",
+            "fixed_schedule",
+            ['schedule.name="cosine-gamma"', f"schedule.options.gamma={g}"],
+            b.table2_steps,
+            b.fixed_seeds,
+        )
+        raw["table2"][str(g)] = res["evals"] if res else {}
+    # the untrained Co-GRPO policy (its mean is the base schedule): the "none" row, cycle 0
+    res = runner.evaluate_untrained("untrained Co-GRPO", "co_grpo", plan, [t_train], b.fixed_seeds)
+    raw["base"] = res["evals"][str(t_train)] if res else None
+
+    # -- training runs ----------------------------------------------------------------
+    raw["runs"] = {}
+
+    def train(label, recipe, extra, eval_every, final):
+        out = [
+            runner.train(RunSpec(label, recipe, plan + extra, s, eval_every=eval_every, final_steps=final))
+            for s in seeds
+        ]
+        raw["runs"][label] = [r for r in out if r is not None]
+
+    train("co-grpo", "co_grpo", [], marks, sorted(set(b.transfer_steps) | {t_train, b.target_steps[0]}))
+    train("naive", "naive_grpo", [], marks, [t_train])
+    for label, comps in COMPONENT_ROWS[:-1]:
+        train(label, "co_grpo", [f"schedule.options.trainable={_list(comps)}"], [], [t_train])
+    train("joint", "co_grpo_joint", [], [], [t_train])
+    return raw
+
+
+def same_as_meissonic(runner: Runner) -> bool:
+    """Whether cosine-gamma with gamma = 1 gives the fixed recipe's schedule exactly."""
+    from mdmrl.build import build_parts
+    from mdmrl_plugins.cogrpo.schedules import fixed_actions
+
+    b = runner.budget
+    a = build_parts(runner.load("fixed_schedule", [])).schedule
+    c = build_parts(
+        runner.load("fixed_schedule", ['schedule.name="cosine-gamma"', "schedule.options.gamma=1.0"])
+    ).schedule
+    return all(bool((fixed_actions(a, t) == fixed_actions(c, t)).all()) for t in b.table2_steps)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def final_totals(runs: list[dict], steps: int, metric: str = "total") -> list[float]:
+    """Each run's held-out mean at ``steps`` after training (runs lacking it are skipped)."""
+    return [r["final"][str(steps)][metric]["mean"] for r in runs if str(steps) in r["final"]]
+
+
+def eval_totals(runs: list[dict], it: int) -> list[float]:
+    """Each run's held-out mean after ``it`` iterations."""
+    return [r["evals"][str(it)]["total"]["mean"] for r in runs if str(it) in r["evals"]]
+
+
+def delta(a: float, b: float) -> str:
+    return "—" if math.isnan(a) or math.isnan(b) else f"{a - b:+.3f}"
+
+
+def render(raw: dict, b: Budget) -> tuple[str, dict]:
+    """The tables (markdown) and a dict of the numbers behind them. Missing runs (a
+    partial cache) show as "—"."""
+    t = raw["train_steps"]
+    runs = raw["runs"]
+    n = len(raw["seeds"])
+    base = raw["base"]
+    fixed = raw["fixed"]
+    out: list[str] = []
+    nums: dict = {}
+
+    # Table 2
+    out.append(
+        f"### Table 2 analogue: r_t = cos(π(t+1)/2T)^γ, base model, no training\n\n"
+        f"Held-out total reward, mean ± std over {b.fixed_seeds} sampling seeds, {b.eval_prompts} prompts."
+        " γ = 1 is the recipes' fixed (Meissonic-style) schedule.\n"
+    )
+    rows = []
+    nums["table2"] = {}
+    for steps in b.table2_steps:
+        cells = []
+        for g in GAMMAS:
+            m = ms(raw["table2"][str(g)].get(str(steps)))
+            cells.append(fmt(m))
+            nums["table2"][f"{g}@{steps}"] = m[0]
+        rows.append([steps, *cells])
+    out.append(table(["steps", *[f"γ = {g}" for g in GAMMAS]], rows))
+
+    # Table 5a
+    out.append(
+        f"\n### Table 5a analogue: trainable components (train and test at T = {t})\n\n"
+        f"Held-out reward, mean ± std over {n} training seeds ({b.iterations} iterations each; the "
+        f"untrained row: over {b.fixed_seeds} sampling seeds).\n"
+    )
+    comp = [
+        ("model", None),
+        ("r", "remask_ratio"),
+        ("τ_r", "remask_temperature"),
+        ("τ_s", "temperature"),
+        ("s", "cfg_scale"),
+    ]
+    blank = [""] * len(comp)
+    rows = [["none (base)", *blank, fmt(ms(base)), fmt(ms(base, ALIGN)), fmt(ms(base, QUALITY))]]
+    order = [("Naive GRPO", "naive", [])] + [
+        (label, "co-grpo" if label.startswith("+s") else label, comps) for label, comps in COMPONENT_ROWS
+    ]
+    nums["table5a"] = {"none": ms(base)[0]}
+    for label, key, comps in order:
+        rs = runs.get(key, [])
+        ticks = ["✓"] + ["✓" if c in comps else "" for _, c in comp[1:]]
+        vals = final_totals(rs, t)
+        nums["table5a"][label] = vals
+        rows.append(
+            [label, *ticks, fmt(vals), fmt(final_totals(rs, t, ALIGN)), fmt(final_totals(rs, t, QUALITY))]
+        )
+    out.append(table(["row", *[c for c, _ in comp], "total", "alignment", "quality"], rows))
+
+    # Table 5b
+    out.append(
+        f"\n### Table 5b analogue: transfer across step counts (trained at T = {t})\n\n"
+        f"Fixed = base model with the fixed schedule (spread over {b.fixed_seeds} sampling seeds); "
+        f"learned = Co-GRPO (model + schedule policy, spread over {n} training seeds). "
+        "The policy reads the step position (t+1)/T, so it runs at any T.\n"
+    )
+    rows = []
+    nums["table5b"] = {}
+    for steps in b.transfer_steps:
+        f = ms(fixed.get(str(steps)))
+        vals = final_totals(runs.get("co-grpo", []), steps)
+        rows.append([steps, t, fmt(f), fmt(vals), delta(mean_std(vals)[0], f[0])])
+        nums["table5b"][str(steps)] = {"fixed": f[0], "learned": vals}
+    out.append(table(["test steps", "train steps", "fixed", "learned", "Δ"], rows))
+
+    # Table 5c
+    out.append(
+        f"\n### Table 5c analogue: alternating cycles ({b.model_iterations} model + "
+        f"{b.schedule_iterations} schedule iterations per cycle)\n\n"
+        f"Held-out reward at T = {t} after each cycle, mean ± std over {n} training seeds (cycle 0: "
+        f"untrained, over {b.fixed_seeds} sampling seeds).\n"
+    )
+    rows = [[0, 0, fmt(ms(base))]]
+    nums["table5c"] = {"0": ms(base)[0]}
+    for c, it in enumerate(cycle_marks(b), start=1):
+        vals = eval_totals(runs.get("co-grpo", []), it)
+        rows.append([c, it, fmt(vals)])
+        nums["table5c"][str(c)] = vals
+    out.append(table(["cycle", "iterations", "total"], rows))
+
+    # Table 5d
+    out.append(
+        f"\n### Table 5d analogue: joint vs alternating at {b.iterations} iterations each\n\n"
+        f"Held-out reward at T = {t}, mean ± std over {n} training seeds.\n"
+    )
+    rows = [["base", 0, fmt(ms(base))]]
+    nums["table5d"] = {"base": ms(base)[0]}
+    for label, key in (("joint", "joint"), ("alternating", "co-grpo")):
+        vals = final_totals(runs.get(key, []), t)
+        rows.append([label, b.iterations, fmt(vals)])
+        nums["table5d"][label] = vals
+    out.append(table(["strategy", "iterations", "total"], rows))
+
+    # Targets
+    out.append("\n### Performance targets\n")
+    out.append(target_i(raw, b, nums))
+    out.append(target_ii(raw, b, nums))
+    return "\n".join(out) + "\n", nums
+
+
+def target_i(raw: dict, b: Budget, nums: dict) -> str:
+    """(i) the learned schedule at few steps against the fixed one at many."""
+    lo, hi = b.target_steps
+    learned = final_totals(raw["runs"].get("co-grpo", []), lo)
+    fx = ms(raw["fixed"].get(str(hi)))
+    lm, ls = mean_std(learned)
+    head = (
+        f"(i) learned schedule (Co-GRPO) at {lo} steps: {fmt(learned)}; fixed schedule at {hi} steps: "
+        f"{fmt(fx)}"
+    )
+    if math.isnan(lm) or math.isnan(fx[0]):
+        nums["target_i"] = None
+        return head + " -> **not available** (partial results)."
+    met = lm >= fx[0]
+    clear = lm - ls >= fx[0] + fx[1]
+    nums["target_i"] = {f"learned@{lo}": learned, f"fixed@{hi}": fx[0], "met": met}
+    spread = (" (beyond the spread)" if clear else " (within the spread)") if met else ""
+    return head + f" -> **{'met' if met else 'not met'}**{spread}."
+
+
+def target_ii(raw: dict, b: Budget, nums: dict) -> str:
+    """(ii) the share of Naive GRPO's iterations Co-GRPO needs to reach its final reward."""
+    t, n, runs = raw["train_steps"], len(raw["seeds"]), raw["runs"]
+    base0 = ms(raw["base"])[0]
+    marks = raw["marks"]
+    naive_final = mean_std(eval_totals(runs.get("naive", []), b.iterations))[0]
+    curve = [(0, base0)] + [(m, mean_std(eval_totals(runs.get("co-grpo", []), m))[0]) for m in marks]
+    ncurve = [(0, base0)] + [(m, mean_std(eval_totals(runs.get("naive", []), m))[0]) for m in marks]
+    rows = [[m, f"{nv:.3f}", f"{cv:.3f}"] for (m, nv), (_, cv) in zip(ncurve, curve, strict=True)]
+    text = (
+        f"\n(ii) held-out reward along training (T = {t}, mean over {n} training seeds):\n\n"
+        + table(["iteration", "Naive GRPO", "Co-GRPO"], rows)
+        + "\n"
+    )
+    nums["target_ii"] = {"naive_final": naive_final, "co_grpo_curve": curve, "naive_curve": ncurve}
+    if any(math.isnan(v) for _, v in curve + ncurve):
+        return text + "\nNot all evaluations are available -> **not available** (partial results)."
+    secs = {k: _sec_per_iter(runs[k]) for k in ("naive", "co-grpo")}
+    cost = (
+        f" (one iteration took {secs['naive']:.1f} s for Naive GRPO and {secs['co-grpo']:.1f} s for "
+        "Co-GRPO on average, schedule iterations included)"
+    )
+    if naive_final <= base0:
+        return text + (
+            f"\nNaive GRPO's final reward ({naive_final:.3f}) does not exceed the untrained model's "
+            f"({base0:.3f}): the target is degenerate here (any run reaches it at iteration 0) -> "
+            "**not measurable**."
+        )
+    cross = crossing(curve, naive_final)
+    nums["target_ii"]["crossing"] = cross
+    if cross is None:
+        return text + (
+            f"\nCo-GRPO does not reach Naive GRPO's final reward ({naive_final:.3f}) within "
+            f"{b.iterations} iterations -> **not met**{cost}."
+        )
+    frac = cross / b.iterations
+    nums["target_ii"]["fraction"] = frac
+    return text + (
+        f"\nCo-GRPO reaches Naive GRPO's final reward ({naive_final:.3f} at {b.iterations} iterations) "
+        f"after {cross:.1f} iterations (linear interpolation between evaluations): "
+        f"**{frac:.0%} of Naive GRPO's iterations** -> **{'met' if frac < 1 else 'not met'}**{cost}."
+    )
+
+
+def _sec_per_iter(runs: list[dict]) -> float:
+    secs = [row["seconds"] for r in runs for row in r["curve"]]
+    return sum(secs) / max(len(secs), 1)
+
+
+def crossing(curve: list[tuple[int, float]], level: float) -> float | None:
+    """First iteration (linearly interpolated) at which ``curve`` reaches ``level``."""
+    for (i0, v0), (i1, v1) in zip(curve, curve[1:], strict=False):
+        if v0 >= level:
+            return float(i0)
+        if v1 >= level:
+            return i0 + (level - v0) / (v1 - v0) * (i1 - i0)
+    return None if not curve or curve[-1][1] < level else float(curve[-1][0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--seeds", type=int, default=3, help="training seeds per configuration (>= 3 for the tables)"
+    )
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
+    ap.add_argument("--smoke", action="store_true", help="tiny random backbone, seconds (tests)")
+    ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--out", help="cache folder (default benchmarks/out/ablate/<budget>)")
+    ap.add_argument("--device", help="override the recipes' device (e.g. cpu, cuda)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument(
+        "--partial", action="store_true", help="compute nothing: print the tables from the cached runs so far"
+    )
+    args = ap.parse_args(argv)
+    setup_threads(args.threads)
+    b = SMOKE if args.smoke else BUDGETS[args.budget]
+    out_dir = Path(args.out) if args.out else OUT / "ablate" / b.name
+    runner = Runner(b, out_dir, device=args.device, cache_only=args.partial)
+    started = time.perf_counter()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    raw = run_all(runner, b, list(range(args.seeds)))
+    text, nums = render(raw, b)
+    wall = time.perf_counter() - started
+    cmd = "python benchmarks/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"## Co-GRPO ablations on the shapes world (budget {b.name}, {args.seeds} seeds)\n")
+    print(f"`{cmd.strip()}` — {stamp}; {machine()}; wall time {wall / 60:.1f} min\n")
+    if runner.missing:
+        print(
+            f"**PARTIAL**: {runner.found} of {runner.found + runner.missing} runs and evaluations are "
+            "finished; missing cells show as —.\n"
+        )
+    print(text)
+    write_json(
+        args.json,
+        {
+            "command": cmd.strip(),
+            "date": stamp,
+            "machine": machine(),
+            "wall_seconds": wall,
+            "budget": b.__dict__,
+            "tables": nums,
+            "raw": raw,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

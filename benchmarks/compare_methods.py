@@ -1,0 +1,230 @@
+"""Naive GRPO, MaskGRPO (confidence and emerge samplers) and Co-GRPO at an equal
+wall-clock training budget per run, plus MaskGRPO's truncation (gamma) ablation, on
+the embedded shapes world.
+
+    python benchmarks/compare_methods.py [--seeds 3] [--minutes M] [--json PATH]
+
+Every run is a shipped recipe under ``recipes/shapes/`` plus overrides (budget sizing,
+the sampler, gamma). A run trains until ``--minutes`` of wall-clock time went into its
+iterations (the iteration in progress is finished), then is evaluated on held-out
+prompts at the training step count. Runs are ordered seed by seed so that every method
+meets the same machine load over the session. Finished runs are cached under
+``benchmarks/out/compare/<budget>/``; see docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _runs import OUT, SMOKE, Budget, Runner, RunSpec, fmt, machine, setup_threads, table, write_json  # noqa: E402
+
+BUDGETS = {
+    "quick": Budget(
+        name="quick",
+        batch=16,
+        group=8,
+        train_steps=8,
+        model_iterations=1,
+        schedule_iterations=1,
+        eval_prompts=12,
+        fixed_seeds=3,
+        minutes=0.25,
+    ),
+    # 21 runs of 0.75 min plus evaluations: about 18 minutes on 1 thread of a 2-core CPU
+    "full": Budget(
+        name="full",
+        batch=16,
+        group=8,
+        train_steps=8,
+        model_iterations=1,
+        schedule_iterations=1,
+        eval_prompts=24,
+        fixed_seeds=3,
+        minutes=0.75,
+    ),
+}
+
+#: (label, recipe, overrides, sampler shown in the table)
+METHODS: list[tuple[str, str, list[str], str]] = [
+    ("Naive GRPO", "naive_grpo", [], "confidence"),
+    ("MaskGRPO", "mask_grpo", ['sampler.name="confidence"'], "confidence"),
+    ("MaskGRPO", "mask_grpo", ['sampler.name="emerge"'], "emerge"),
+    ("Co-GRPO", "co_grpo", [], "confidence"),
+]
+
+#: MaskGRPO's truncation gamma: 0.0 = no truncation (mask levels over all of (0, 1)).
+GAMMAS = (0.0, 0.6, 0.8, 0.9)
+
+
+def key(label: str, sampler: str) -> str:
+    return f"{label} ({sampler})"
+
+
+def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float) -> dict:
+    """Untrained evaluations, then every (seed, configuration) run, seed-major."""
+    t = b.train_steps
+    raw: dict = {
+        "budget": b.name,
+        "seeds": seeds,
+        "minutes": minutes,
+        "train_steps": t,
+        "base": {},
+        "runs": {},
+    }
+    configs: list[tuple[str, str, list[str]]] = [(key(lab, smp), rec, ov) for lab, rec, ov, smp in METHODS]
+    configs += [(f"MaskGRPO γ={g}", "mask_grpo", [f"objective.options.gamma={g}"]) for g in GAMMAS]
+    # Co-GRPO alternates N_m model and N_s schedule iterations; sized so that a short
+    # budget reaches both phases (ignored by the single-phase recipes)
+    plan = [
+        f"train.model_iterations={b.model_iterations}",
+        f"train.schedule_iterations={b.schedule_iterations}",
+    ]
+    configs = [(name, rec, plan + ov) for name, rec, ov in configs]
+    # the untrained model under each recipe's sampler and schedule (the gain's baseline)
+    for name, rec, ov in configs[: len(METHODS)]:
+        res = runner.evaluate_untrained(f"{name} untrained", rec, ov, [t], b.fixed_seeds)
+        raw["base"][name] = res["evals"][str(t)] if res else None
+    for s in seeds:
+        for name, rec, ov in configs:
+            res = runner.train(RunSpec(name, rec, ov, s, final_steps=[t], minutes=minutes))
+            raw["runs"].setdefault(name, [])
+            if res is not None:
+                raw["runs"][name].append(res)
+    return raw
+
+
+def _vals(runs: list[dict], t: int, metric: str = "total") -> list[float]:
+    return [r["final"][str(t)][metric]["mean"] for r in runs]
+
+
+def render(raw: dict, b: Budget) -> tuple[str, dict]:
+    t, minutes = raw["train_steps"], raw["minutes"]
+    n = len(raw["seeds"])
+    runs, base = raw["runs"], raw["base"]
+    out: list[str] = []
+    nums: dict = {"methods": {}, "gamma": {}}
+    out.append(
+        f"### Methods at an equal budget of {minutes:g} min of training per run\n\n"
+        f"Held-out total reward at T = {t} ({b.eval_prompts} prompts), mean ± std over {n} training "
+        f"seeds; untrained: over {b.fixed_seeds} sampling seeds. Gain per minute = (held-out − "
+        "untrained) / training minutes of the run.\n"
+    )
+    rows = []
+    for lab, _, _, smp in METHODS:
+        name = key(lab, smp)
+        rs = runs[name]
+        b0 = base[name]["total"] if base.get(name) else {"mean": math.nan, "std": math.nan}
+        vals = _vals(rs, t)
+        mins = [r["train_seconds"] / 60 for r in rs]
+        gains = [(v - b0["mean"]) / m for v, m in zip(vals, mins, strict=True) if not math.isnan(b0["mean"])]
+        its = [r["iterations"] for r in rs]
+        rows.append(
+            [
+                lab,
+                smp,
+                fmt(its, 1),
+                fmt((b0["mean"], b0["std"])),
+                fmt(vals),
+                fmt(_vals(rs, t, "shapes-alignment")),
+                fmt(_vals(rs, t, "shapes-quality")),
+                fmt(gains, 4),
+            ]
+        )
+        nums["methods"][name] = {
+            "untrained": b0["mean"],
+            "heldout": vals,
+            "gain_per_minute": gains,
+            "iterations": its,
+            "train_minutes": mins,
+        }
+    out.append(
+        table(
+            [
+                "method",
+                "sampler",
+                "iterations",
+                "untrained",
+                "held-out",
+                "alignment",
+                "quality",
+                "gain / min",
+            ],
+            rows,
+        )
+    )
+    out.append(
+        f"\n### MaskGRPO truncation γ ({minutes:g} min per run, the recipe's sampler)\n\n"
+        "Mask levels t_j lie in (γ, 1); γ = 0 is no truncation. Mean ± std over "
+        f"{n} training seeds.\n"
+    )
+    rows = []
+    for g in GAMMAS:
+        rs = runs[f"MaskGRPO γ={g}"]
+        vals = _vals(rs, t)
+        rows.append([g, fmt([r["iterations"] for r in rs], 1), fmt(vals)])
+        nums["gamma"][str(g)] = vals
+    out.append(table(["γ", "iterations", "held-out"], rows))
+    return "\n".join(out) + "\n", nums
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--seeds", type=int, default=3, help="training seeds per configuration (>= 3 for the tables)"
+    )
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
+    ap.add_argument(
+        "--minutes", type=float, help="wall-clock training minutes per run (default: the budget's)"
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny random backbone, seconds (tests)")
+    ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--out", help="cache folder (default benchmarks/out/compare/<budget>)")
+    ap.add_argument("--device", help="override the recipes' device (e.g. cpu, cuda)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument(
+        "--partial", action="store_true", help="compute nothing: print the tables from the cached runs so far"
+    )
+    args = ap.parse_args(argv)
+    setup_threads(args.threads)
+    b = SMOKE if args.smoke else BUDGETS[args.budget]
+    minutes = args.minutes if args.minutes is not None else b.minutes
+    out_dir = Path(args.out) if args.out else OUT / "compare" / b.name
+    runner = Runner(b, out_dir, device=args.device, cache_only=args.partial)
+    started = time.perf_counter()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    raw = run_all(runner, b, list(range(args.seeds)), minutes)
+    text, nums = render(raw, b)
+    wall = time.perf_counter() - started
+    cmd = "python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"## Method comparison on the shapes world (budget {b.name}, {args.seeds} seeds)\n")
+    print(f"`{cmd.strip()}` — {stamp}; {machine()}; wall time {wall / 60:.1f} min\n")
+    if runner.missing:
+        print(
+            f"**PARTIAL**: {runner.found} of {runner.found + runner.missing} runs and evaluations are "
+            "finished; missing cells show as —.\n"
+        )
+    print(text)
+    write_json(
+        args.json,
+        {
+            "command": cmd.strip(),
+            "date": stamp,
+            "machine": machine(),
+            "wall_seconds": wall,
+            "budget": b.__dict__,
+            "tables": nums,
+            "raw": raw,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The benchmark scripts run end to end (``--smoke``: a tiny random-weight backbone) and
+print tables of the documented structure; a rerun resumes from the cache. The numbers
+themselves are not asserted: a random backbone has nothing to measure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CELL = re.compile(r"^-?\d+\.\d+ ± \d+\.\d+$")
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sections(text: str) -> dict[str, str]:
+    """'### title' -> body."""
+    out = {}
+    for block in text.split("\n### ")[1:]:
+        title, _, body = block.partition("\n")
+        out[title] = body
+    return out
+
+
+def tables(body: str) -> list[list[list[str]]]:
+    """Every markdown table of a section: rows of cells, header first, rule dropped."""
+    found, cur = [], []
+    for line in body.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                cur.append(cells)
+        elif cur:
+            found.append(cur)
+            cur = []
+    return found
+
+
+def section(secs: dict[str, str], prefix: str) -> str:
+    hits = [body for title, body in secs.items() if title.startswith(prefix)]
+    assert len(hits) == 1, (prefix, list(secs))
+    return hits[0]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The scripts set torch's thread count (``--threads``); put it back afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ablate_run(tmp_path_factory):
+    mod = _load("ablate")
+    tmp = tmp_path_factory.mktemp("ablate")
+    return mod, tmp
+
+
+def test_ablate_smoke_tables_and_resume(ablate_run, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mod, tmp = ablate_run
+    smoke = mod.SMOKE
+    args = ["--smoke", "--seeds", "2", "--out", str(tmp / "cache"), "--json", str(tmp / "a.json")]
+    assert mod.main(args) == 0
+    cap = capsys.readouterr()
+    secs = sections(cap.out)
+
+    t2 = tables(section(secs, "Table 2 analogue"))[0]
+    assert t2[0] == ["steps", "γ = 1.0", "γ = 1.5", "γ = 2.0"]
+    assert [int(r[0]) for r in t2[1:]] == list(smoke.table2_steps)
+    assert all(CELL.match(c) for r in t2[1:] for c in r[1:])
+
+    t5a = tables(section(secs, "Table 5a analogue"))[0]
+    assert t5a[0] == ["row", "model", "r", "τ_r", "τ_s", "s", "total", "alignment", "quality"]
+    assert [r[0] for r in t5a[1:]] == ["none (base)", "Naive GRPO", "+r", "+τ_r", "+τ_s", "+s (Co-GRPO)"]
+    ticks = [sum(c == "✓" for c in r[1:6]) for r in t5a[1:]]
+    assert ticks == [0, 1, 2, 3, 4, 5]  # one more trainable component per row
+    assert all(CELL.match(c) for r in t5a[1:] for c in r[6:])
+
+    t5b = tables(section(secs, "Table 5b analogue"))[0]
+    assert t5b[0] == ["test steps", "train steps", "fixed", "learned", "Δ"]
+    assert [int(r[0]) for r in t5b[1:]] == list(smoke.transfer_steps)
+    assert {r[1] for r in t5b[1:]} == {str(smoke.train_steps)}
+
+    t5c = tables(section(secs, "Table 5c analogue"))[0]
+    assert [int(r[0]) for r in t5c[1:]] == list(range(smoke.cycles + 1))
+    per = smoke.model_iterations + smoke.schedule_iterations
+    assert [int(r[1]) for r in t5c[1:]] == [per * c for c in range(smoke.cycles + 1)]
+
+    t5d = tables(section(secs, "Table 5d analogue"))[0]
+    assert [r[0] for r in t5d[1:]] == ["base", "joint", "alternating"]
+    assert [r[1] for r in t5d[2:]] == [str(smoke.iterations)] * 2
+
+    targets = section(secs, "Performance targets")
+    assert re.search(r"\(i\) learned schedule .* -> \*\*(met|not met)\*\*", targets)
+    curve = tables(targets)[0]
+    assert curve[0] == ["iteration", "Naive GRPO", "Co-GRPO"]
+    assert int(curve[-1][0]) == smoke.iterations
+    after_curve = targets.rsplit("|", 1)[1]
+    assert re.search(r"-> \*\*(met|not met|not measurable)\*\*", after_curve)
+
+    data = json.loads((tmp / "a.json").read_text())
+    assert data["raw"]["seeds"] == [0, 1]
+    assert set(data["tables"]) >= {
+        "table2",
+        "table5a",
+        "table5b",
+        "table5c",
+        "table5d",
+        "target_i",
+        "target_ii",
+    }
+    assert len(data["raw"]["runs"]["co-grpo"]) == 2
+
+    # a rerun trains nothing (every run comes from the cache) and prints the same tables
+    assert mod.main(args) == 0
+    again = capsys.readouterr()
+    assert "iterations in" not in again.err
+    assert "cached" in again.err
+    strip = lambda s: s.split("\n", 3)[3]  # noqa: E731  (drop the header with date and wall time)
+    assert strip(again.out) == strip(cap.out)
+
+    # --partial computes nothing: from the full cache it prints the same tables, from an
+    # empty one it marks the output partial and leaves every measured cell empty
+    assert mod.main(args + ["--partial"]) == 0
+    assert strip(capsys.readouterr().out) == strip(cap.out)
+    empty = ["--smoke", "--seeds", "2", "--out", str(tmp / "empty"), "--partial"]
+    assert mod.main(empty) == 0
+    part = capsys.readouterr().out
+    assert "**PARTIAL**: 0 of" in part
+    assert "iterations in" not in part
+    t5a = tables(section(sections(part), "Table 5a analogue"))[0]
+    assert all(r[6] == "—" for r in t5a[1:])
+
+
+def test_compare_smoke_tables(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mod = _load("compare_methods")
+    args = ["--smoke", "--seeds", "2", "--out", str(tmp_path / "cache"), "--json", str(tmp_path / "c.json")]
+    assert mod.main(args) == 0
+    out = capsys.readouterr().out
+    secs = sections(out)
+
+    methods = tables(section(secs, "Methods at an equal budget"))[0]
+    assert methods[0] == [
+        "method",
+        "sampler",
+        "iterations",
+        "untrained",
+        "held-out",
+        "alignment",
+        "quality",
+        "gain / min",
+    ]
+    assert [(r[0], r[1]) for r in methods[1:]] == [
+        ("Naive GRPO", "confidence"),
+        ("MaskGRPO", "confidence"),
+        ("MaskGRPO", "emerge"),
+        ("Co-GRPO", "confidence"),
+    ]
+    assert all(CELL.match(c) for r in methods[1:] for c in r[2:])
+
+    gam = tables(section(secs, "MaskGRPO truncation"))[0]
+    assert gam[0] == ["γ", "iterations", "held-out"]
+    assert [float(r[0]) for r in gam[1:]] == [0.0, 0.6, 0.8, 0.9]
+
+    data = json.loads((tmp_path / "c.json").read_text())
+    runs = data["raw"]["runs"]
+    assert all(len(v) == 2 for v in runs.values())
+    # every run trained at least one iteration and stopped on its wall-clock budget
+    assert all(r["iterations"] >= 1 for v in runs.values() for r in v)
+    # gamma = 0.8 is the recipe's default: the same run as "MaskGRPO (emerge)", from the cache
+    assert runs["MaskGRPO γ=0.8"] == runs["MaskGRPO (emerge)"]
