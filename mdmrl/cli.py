@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # OpenMP threads that spin while waiting make torch many times slower when other
+    # processes share the cores (measured ~10x on a busy 2-core machine); this only
+    # takes effect when torch has not been imported yet, and a user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return _dispatch(args, argv)
     except UserError as exc:
