@@ -299,9 +299,20 @@ def sample_command(recipe_path, checkpoint, prompts, prompts_file, steps, seed, 
             parts.backbone, parts.schedule, prompts, steps, seeds, deterministic_schedule=True
         )
         imgs = parts.backbone.decode(traj.final_tokens).float().cpu()
-    path = Path(out)
+    path = sample_output_path(out)
     save_grid(imgs, prompts, path)
     return path
+
+
+def sample_output_path(out) -> Path:
+    """``mdmrl sample --out``: a ``.png`` file, or a folder (existing or not, no
+    suffix) that receives ``samples.png``. Other suffixes are a UserError."""
+    path = Path(out)
+    if path.suffix.lower() == ".png":
+        return path
+    if path.suffix and not path.is_dir():
+        raise UserError(f"sample: --out {out}: give a .png file or a folder, not a {path.suffix} file")
+    return path / "samples.png"
 
 
 __all__ = ["run", "eval_command", "sample_command", "Dist"]

@@ -275,6 +275,13 @@ def test_eval_and_sample_commands(toy_registry, tmp_path, capsys):
     assert "| overall |" in out and "| styleA |" in out
     assert main(["sample", path, "--prompt", "red big", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
+    # a folder (no suffix) receives samples.png; another suffix is one line, exit 2
+    assert main(["sample", path, "--prompt", "red big", "--out", str(tmp_path / "dir")]) == 0
+    assert (tmp_path / "dir" / "samples.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["sample", path, "--prompt", "red big", "--out", str(tmp_path / "s.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and ".png" in err and err.strip().count("\n") == 0
 
 
 def test_cli_subprocess_exit_code_and_single_line(tmp_path):

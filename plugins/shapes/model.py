@@ -305,7 +305,9 @@ class ShapesMDM(Backbone):
             nn.init.normal_(blk.fc2.weight, std=0.02 / math.sqrt(2 * n_blocks))
         for p in (self.text_pos, self.row_emb, self.col_emb):
             nn.init.normal_(p, std=0.02)
-        nn.init.normal_(self.word_emb.weight, std=1.0)  # EXPERIMENT
+        # word vectors at unit scale (not 0.02): the words of a prompt start distinct, so the
+        # image stream can read colours and shapes from the text early in pretraining
+        nn.init.normal_(self.word_emb.weight, std=1.0)
         nn.init.zeros_(self.text_type)
 
     # ------------------------------------------------------------------ building
