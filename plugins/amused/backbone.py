@@ -24,6 +24,10 @@ Conventions, all as aMUSEd's pipeline (``AmusedPipeline.__call__``) does it:
 - logits: the MLM head's [B, V, H, W] output as [B, N, V] float32 (V = codebook_size);
 - features: the input of the MLM head (``transformer.mlm_layer``), i.e. the up-block
   output [B, block_out_channels, H, W], as [B, N, D]; read with a forward pre-hook.
+
+The null prompt's conditioning is encoded once per batch size and reused (the text
+encoder is frozen); an in-place change of the text encoder's weights (a checkpoint
+load) or a move to another device or dtype encodes it again.
 """
 
 from __future__ import annotations
@@ -234,6 +238,8 @@ class AmusedBackbone(Backbone):
         micro = [resolution, resolution, 0.0, 0.0, o.aesthetic_score]
         self.register_buffer("micro_conds", torch.tensor([micro], dtype=torch.float32), persistent=False)
         self.transformer.mlm_layer.register_forward_pre_hook(_capture_head_input)
+        #: (key, Conditioning) of the last null conditioning; see :meth:`null_conditioning`.
+        self._null_cache: tuple[tuple, Conditioning] | None = None
         if o.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
 
@@ -314,6 +320,18 @@ class AmusedBackbone(Backbone):
             pooled=out.text_embeds.to(dtype),
             attention_mask=tok.attention_mask.to(self.device).bool(),
         )
+
+    def null_conditioning(self, batch_size: int) -> Conditioning:
+        """``encode_prompts([""] * batch_size)``, computed once and reused while the
+        batch size, the device and the text encoder's weights (their storage and
+        in-place version counters) stay the same. Callers must not modify the returned
+        tensors in place (``Conditioning.cat`` copies them)."""
+        params = tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters())
+        key = (int(batch_size), self.device, DTYPES[self.options.dtype], params)
+        if self._null_cache is None or self._null_cache[0] != key:
+            with torch.inference_mode(False):  # ordinary tensors, usable later with autograd on
+                self._null_cache = (key, self.encode_prompts([""] * int(batch_size)))
+        return self._null_cache[1]
 
     def forward(self, tokens: torch.Tensor, cond: Conditioning, timestep: torch.Tensor) -> BackboneOutput:
         """tokens long [B, N] (row-major grid), cond batch B, timestep unused (see the

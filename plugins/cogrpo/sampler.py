@@ -15,30 +15,37 @@ At every step t the schedule policy chooses A_t = (tau_s, r, tau_r, s), then:
 
 The trajectory records V^(0..T), the filled positions I_t^fill, the actions, and the
 old model log-prob log pi_model,t = sum over I_t^fill of log p(token) under the
-guided tempered distribution. :func:`guided_log_probs` and :func:`filled_log_prob` are
-the one implementation of that log-prob, used by both :meth:`ConfidenceSampler.sample`
-and :meth:`ConfidenceSampler.replay_step`, so an on-policy replay of the same batch
-reproduces the recorded values bit for bit.
+guided tempered distribution. :func:`step_log_prob` is the one implementation of that
+log-prob, called by both :meth:`ConfidenceSampler.sample` and
+:meth:`ConfidenceSampler.replay_step` on the same inputs, so an on-policy replay of
+the same batch reproduces the recorded values bit for bit.
+
+Known positions are never re-sampled, so the per-token work (guidance, sampling,
+log-probs) runs on the rows of the still-masked positions only, gathered to [M, V].
 
 Randomness (option ``rng``):
 
 - ``per_sample``: trajectory b draws everything from its own generator
-  ``torch.Generator(device).manual_seed(seeds[b])``, per step in this order: the
-  schedule's noise (a stochastic schedule is called once per row with batch 1 and
-  that row's generator), the token noise (Gumbel-max over [N, V]), the re-mask noise
-  ([N], not drawn at the last step). A trajectory is then the same alone or in any
-  batch, up to the backbone's own batch invariance.
+  ``torch.Generator(device).manual_seed(seeds[b])``: first one [T, 2, N] U[0, 1)
+  draw, then, step by step, the schedule's noise (a stochastic schedule is called
+  once per row with batch 1 and that row's generator). At step t, row 0 of the draw
+  gives each masked position its token by inverse CDF (the first token whose running
+  probability sum exceeds u times the total: one uniform per position, the same
+  distribution as a Gumbel-max draw over [N, V]), row 1 the re-mask Gumbel noise
+  (unused at the last step). A trajectory is then the same alone or in any batch, up
+  to the backbone's own batch invariance.
 - ``shared``: one generator seeded with seeds[0] for the whole batch, drawing as
   diffusers' ``AmusedScheduler.step`` does: ``torch.multinomial`` over the [B*N, V]
-  probabilities, then a [B, N] uniform for the re-mask Gumbel noise (not at the last
-  step). With the ``amused`` schedule and ``rounding = "floor"`` this reproduces
-  aMUSEd's pipeline token for token.
+  probabilities (all positions, as aMUSEd draws them), then a [B, N] uniform for the
+  re-mask Gumbel noise (not at the last step). With the ``amused`` schedule and
+  ``rounding = "floor"`` this reproduces aMUSEd's pipeline token for token.
 
 See docs/sampling.md for every choice and where it comes from.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +59,19 @@ MIN_TEMPERATURE = 1e-6
 #: Floor of the probabilities whose log is a confidence, and of the uniform noise
 #: inside the Gumbel transform (as Meissonic's and aMUSEd's schedulers do).
 PROB_FLOOR = 1e-20
+#: Floor of logits - max before exp in :func:`inverse_cdf_sample_`: exp(-87) = 1.6e-38
+#: is near float32's smallest normal number; below it exp returns denormals, which x86
+#: CPUs compute up to 35 times slower. A floored entry adds at most 1.7e-38 to the
+#: running sum, which does not change a float32 sum that has reached the draw's lowest
+#: target (2^-25 of a total of at least 1).
+EXP_FLOOR = -87.0
+#: Codebooks up to this size are sampled at every position (known ones are discarded):
+#: there the cost of a step is the count of small operations, and gathering the masked
+#: rows costs more than it saves.
+DENSE_MAX_CODEBOOK = 64
+#: The lowest draw target, as a fraction of the total: half the spacing of float32
+#: uniforms (2^-24), so u = 0 lands on a token of non-negligible probability.
+TARGET_FLOOR = 2.0**-25
 RNG_MODES = ("per_sample", "shared")
 ROUNDINGS = ("ceil", "floor")
 
@@ -97,28 +117,155 @@ def guided_logits(
     c = cond_logits.float()
     u = uncond_logits.float()
     a = actions.to(device=c.device, dtype=torch.float32)
-    s = a[:, 3, None, None]
-    tau = a[:, 0].clamp_min(MIN_TEMPERATURE)[:, None, None]
-    return (u + s * (c - u)) / tau
+    # (u + s (c - u)) / tau, one new tensor: each in-place step rounds exactly as the
+    # out-of-place expression does (the operations commute bit for bit), and x / 1 = x
+    z = (c - u).mul_(a[:, 3, None, None]).add_(u)
+    if not bool((a[:, 0] == 1.0).all()):
+        z = z.div_(a[:, 0].clamp_min(MIN_TEMPERATURE)[:, None, None])
+    return z
 
 
 def guided_log_probs(
     cond_logits: torch.Tensor, uncond_logits: torch.Tensor, actions: torch.Tensor
 ) -> torch.Tensor:
     """log softmax((u + s (c - u)) / tau_s): the per-token log-probs of the distribution
-    the sampler draws from (Eq. 2), float32 [B, N, V]. The single implementation used
-    by the rollout and by the replay."""
+    the sampler draws from (Eq. 2), float32 [B, N, V], at every position. The sampler
+    itself computes them at the filled positions only (:func:`step_log_prob`); this
+    full form is the reference it is tested against."""
     return guided_logits(cond_logits, uncond_logits, actions).log_softmax(dim=-1)
 
 
 def filled_log_prob(log_probs: torch.Tensor, next_tokens: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-    """log pi_model,t = sum over I_t^fill of log p(V_i^(t+1)) (Eq. 8/19), float32 [B].
+    """log pi_model,t = sum over I_t^fill of log p(V_i^(t+1)) (Eq. 8/19), float32 [B],
+    from the full log-probs of :func:`guided_log_probs` (reference form).
 
     log_probs: float [B, N, V]; next_tokens: long [B, N] (V^(t+1), may hold the mask
     id outside ``filled``); filled: bool [B, N]."""
     idx = torch.where(filled, next_tokens, 0)
     picked = log_probs.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     return torch.where(filled, picked, 0.0).sum(-1)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x [B, N, V] at the flat positions ``index`` long [M] (b * N + i): a new
+    contiguous [M, V] tensor (one row copy each when x is laid out row by row, as
+    backbones' logits usually are). Differentiable."""
+    b, n, v = x.shape
+    if x.stride(2) == 1 and x.stride(1) == v and x.stride(0) == n * v:
+        return x.view(b * n, v).index_select(0, index)
+    return x[index // n, index % n]
+
+
+def guided_rows(
+    cond_logits: torch.Tensor,
+    uncond_logits: torch.Tensor,
+    actions: torch.Tensor,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The guided, tempered logits (u + s (c - u)) / tau_s at the flat positions
+    ``index`` (all B N positions when None), float32 [M, V]: :func:`guided_logits` up
+    to float32 rounding (u + s (c - u) is one ``torch.lerp``; the division is skipped
+    when every tau_s is 1, which changes no bit).
+
+    cond_logits, uncond_logits: float [B, N, V]; actions: float [B, K]; index: long
+    [M], flat positions b * N + i, e.g. ``mask.reshape(-1).nonzero().squeeze(1)``.
+    Differentiable."""
+    b, n, v = cond_logits.shape
+    a = actions.to(device=cond_logits.device, dtype=torch.float32)
+    if index is None:
+        z = torch.lerp(uncond_logits.float(), cond_logits.float(), a[:, 3, None, None])  # [B, N, V]
+        tau = a[:, 0, None, None]
+    else:
+        row = index // n  # [M] batch row of each position
+        c = gather_rows(cond_logits, index).float()  # [M, V], new tensors
+        z = gather_rows(uncond_logits, index).float().lerp_(c, a[:, 3].index_select(0, row)[:, None])
+        tau = a[:, 0].index_select(0, row)[:, None]
+    if not bool((a[:, 0] == 1.0).all()):
+        z = z.div_(tau.clamp_min(MIN_TEMPERATURE))
+    return z.reshape(-1, v)
+
+
+def step_log_prob(
+    cond_logits: torch.Tensor,
+    uncond_logits: torch.Tensor,
+    actions: torch.Tensor,
+    next_tokens: torch.Tensor,
+    filled: torch.Tensor,
+) -> torch.Tensor:
+    """log pi_model,t = sum over I_t^fill of log p(V_i^(t+1)) under
+    softmax((u + s (c - u)) / tau_s) (Eq. 8/19), float32 [B].
+
+    The one implementation used by :meth:`ConfidenceSampler.sample` and
+    :meth:`ConfidenceSampler.replay_step` (same inputs, same operations, so an
+    on-policy replay reproduces the recorded value bit for bit). Only the filled rows
+    [F, V] are computed (every row for a codebook of at most DENSE_MAX_CODEBOOK):
+    guidance (:func:`guided_rows`), a row-wise log-softmax, the filled token's entry;
+    the per-position values are summed over N in position order. Gradients flow to
+    the logits.
+
+    cond_logits, uncond_logits: float [B, N, V]; actions: float [B, K]; next_tokens:
+    long [B, N] (V^(t+1), may hold the mask id outside ``filled``); filled: bool [B, N]."""
+    b, n, v = cond_logits.shape
+    if v <= DENSE_MAX_CODEBOOK:
+        z = guided_rows(cond_logits, uncond_logits, actions)  # [B N, V]
+        token = torch.where(filled, next_tokens, 0).reshape(-1, 1)
+        picked = z.log_softmax(dim=-1).gather(-1, token).view(b, n)
+        return torch.where(filled, picked, 0.0).sum(-1)
+    index = filled.reshape(-1).nonzero().squeeze(1)  # [F]
+    z = guided_rows(cond_logits, uncond_logits, actions, index)  # [F, V]
+    token = next_tokens.reshape(-1).index_select(0, index)[:, None]
+    picked = z.log_softmax(dim=-1).gather(-1, token).squeeze(-1)  # [F]
+    per_position = torch.zeros(filled.shape, dtype=picked.dtype, device=picked.device)
+    return per_position.masked_scatter(filled, picked).sum(-1)
+
+
+def _block_size(v: int) -> int:
+    """Block width of the two-level search in :func:`inverse_cdf_sample_`: the power
+    of two nearest sqrt(V) that divides V, or V itself (one level) below V = 256."""
+    if v < 256:
+        return v
+    k = 1 << round(math.log2(v) / 2)
+    return k if v % k == 0 else v
+
+
+def inverse_cdf_sample_(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(logits) by inverse CDF, and its log-prob;
+    overwrites ``logits`` with e = exp(logits - max) (no second [M, V] buffer).
+
+    logits: float32 [M, V], contiguous; uniforms: float32 [M] in [0, 1), one per row
+    (float32 draws are at most 1 - 2^-24). With S the running sum of e (S_V the
+    total), the token is the first i with S_i > x, x = max(u, 2^-25) S_V < S_V, so
+    P(i) = e_i / S_V = softmax(logits)_i up to float32 rounding of S (2^-24 of the
+    total), and an entry with e_i = 0 is never chosen. logits - max is floored at
+    EXP_FLOOR first when a row reaches it. For V >= 256 the search runs in two levels
+    (blocks of about sqrt(V) entries: the block by the running sum of the block sums,
+    then the entry inside it), which replaces the sequential running sum over V by a
+    vectorised block sum. Returns tokens long [M] and log p(token) = log e_token -
+    log S_V, float32 [M]."""
+    m, v = logits.shape
+    top = logits.amax(dim=-1, keepdim=True)  # [M, 1]
+    floor = m > 0 and bool(logits.amin() - top.amax() < EXP_FLOOR)  # some row may reach the floor
+    e = logits.sub_(top)
+    if floor:
+        e.clamp_min_(EXP_FLOOR)
+    e = e.exp_()  # [M, V], max entry 1
+    k = _block_size(v)
+    cdf = e.view(m, v // k, k).sum(-1).cumsum_(dim=-1) if k < v else e.cumsum(dim=-1)  # [M, V / k]
+    total = cdf[:, -1:]
+    # u <= 1 - 2^-24, so u S_V rounds below S_V: the target is in [2^-25 S_V, S_V) and
+    # the search ends inside the row
+    target = uniforms.clamp_min(TARGET_FLOOR)[:, None] * total
+    tokens = torch.searchsorted(cdf, target, right=True)  # [M, 1]: cdf[token] > target >= cdf[token - 1]
+    if k < v:
+        block = tokens
+        before = cdf.gather(-1, (block - 1).clamp_min_(0)).masked_fill_(block == 0, 0.0)
+        inner = e.view(m, v // k, k).gather(1, block[:, :, None].expand(m, 1, k)).squeeze(1).cumsum_(dim=-1)
+        # the block's own running sum can end an ulp below cdf[block] - before: stay below its end
+        rest = torch.minimum(target - before, torch.nextafter(inner[:, -1:], inner.new_zeros(())))
+        tokens = block * k + torch.searchsorted(inner, rest, right=True)
+    tokens = tokens.clamp_max_(v - 1)
+    log_p = (e.gather(-1, tokens).log_() - total.log()).squeeze(-1)
+    return tokens.squeeze(-1), log_p
 
 
 def gumbel_from_uniform_(u: torch.Tensor) -> torch.Tensor:
@@ -251,16 +398,59 @@ class ConfidenceSampler(Sampler):
             )
         return actions, raw, logp
 
-    def _gumbel(self, buf: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-        """Standard Gumbel noise of buf's shape [B, ...] (:func:`gumbel_from_uniform_`
-        of U[0, 1) draws written into ``buf``): row b from gens[b] (per_sample), or the
-        whole tensor from the shared generator in one draw (shared, as aMUSEd draws)."""
-        if self.options.rng == "shared":
-            buf.uniform_(0, 1, generator=gens[0])
-        else:
-            for i, g in enumerate(gens):
-                buf[i].uniform_(0, 1, generator=g)
-        return gumbel_from_uniform_(buf)
+    def _draw_shared(
+        self,
+        cond_logits: torch.Tensor,
+        uncond_logits: torch.Tensor,
+        actions: torch.Tensor,
+        tokens: torch.Tensor,
+        masked: torch.Tensor,
+        remask_noise: torch.Tensor,
+        gen: torch.Generator,
+        last: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``shared``: aMUSEd's draws (``AmusedScheduler.step``). A token at every
+        position by ``torch.multinomial`` over the [B*N, V] probabilities, then, unless
+        at the last step, [B, N] uniforms into ``remask_noise`` turned into Gumbel noise.
+        Returns (V^(t) with the masked positions filled long [B, N], confidence base
+        log(max(p(token), PROB_FLOOR)) float32 [B, N], Gumbel noise [B, N] or None)."""
+        b, n = tokens.shape
+        probs = guided_logits(cond_logits, uncond_logits, actions).softmax(dim=-1)  # [B, N, V]
+        sampled = torch.multinomial(probs.reshape(b * n, -1), 1, generator=gen).view(b, n)
+        picked = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        candidate = torch.where(masked, sampled, tokens)
+        gumbel = None if last else gumbel_from_uniform_(remask_noise.uniform_(0, 1, generator=gen))
+        return candidate, torch.log(picked.clamp(PROB_FLOOR)), gumbel
+
+    def _draw_per_sample(
+        self,
+        cond_logits: torch.Tensor,
+        uncond_logits: torch.Tensor,
+        actions: torch.Tensor,
+        tokens: torch.Tensor,
+        masked: torch.Tensor,
+        noise: torch.Tensor,
+        last: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``per_sample``: the step's uniforms ``noise`` [B, 2, N] (drawn from each
+        row's generator at the start of the trajectory): each masked position takes its
+        token by :func:`inverse_cdf_sample_` with its uniform of noise[:, 0] (only the M
+        masked rows [M, V] are computed); noise[:, 1] becomes the re-mask Gumbel noise.
+        Same returns as :meth:`_draw_shared` (confidence base: log p(token), 0 at known
+        positions)."""
+        gumbel = None if last else gumbel_from_uniform_(noise[:, 1].contiguous())
+        if cond_logits.shape[-1] <= DENSE_MAX_CODEBOOK:  # every position, known ones discarded
+            z = guided_rows(cond_logits, uncond_logits, actions)  # [B N, V]
+            sampled, log_p = inverse_cdf_sample_(z, noise[:, 0].reshape(-1))
+            return torch.where(masked, sampled.view(tokens.shape), tokens), log_p.view(tokens.shape), gumbel
+        index = masked.reshape(-1).nonzero().squeeze(1)  # [M] flat masked positions
+        z = guided_rows(cond_logits, uncond_logits, actions, index)  # [M, V]
+        sampled, log_p = inverse_cdf_sample_(z, noise[:, 0].masked_select(masked))
+        candidate = tokens.masked_scatter(masked, sampled)
+        base = torch.zeros(tokens.shape, dtype=log_p.dtype, device=log_p.device).masked_scatter_(
+            masked, log_p
+        )
+        return candidate, base, gumbel
 
     # ------------------------------------------------------------------ interface
 
@@ -279,7 +469,7 @@ class ConfidenceSampler(Sampler):
         seeds: long [B]. Returns a validated :class:`Trajectory` whose tensors live on
         the backbone's device (seeds and group_ids stay where they were given)."""
         prompts = list(prompts)
-        b, n, v = len(prompts), backbone.num_tokens, backbone.codebook_size
+        b, n = len(prompts), backbone.num_tokens
         steps = int(num_steps)
         mask = int(backbone.mask_token_id)
         if steps < 1:
@@ -295,77 +485,75 @@ class ConfidenceSampler(Sampler):
         device = backbone_device(backbone)
         shared = self.options.rng == "shared"
 
-        with torch.no_grad():
+        # inference mode inside the loop (no autograd bookkeeping per operation); the
+        # trajectory is stacked after it, so its tensors are ordinary ones
+        with torch.inference_mode():
             cond = backbone.encode_prompts(prompts)
             uncond = backbone.null_conditioning(b)
             pair = Conditioning.cat([uncond, cond])
             gens = self._generators(seeds, device)
 
             tokens = torch.full((b, n), mask, dtype=torch.long, device=device)
-            all_tokens = torch.empty(b, steps + 1, n, dtype=torch.long, device=device)
-            all_tokens[:, 0] = tokens
-            filled = torch.zeros(b, steps, n, dtype=torch.bool, device=device)
-            actions = torch.zeros(b, steps, NUM_ACTIONS, device=device)
-            raw_actions = torch.zeros(b, steps, NUM_ACTIONS, device=device)
-            model_lp = torch.zeros(b, steps, device=device)
-            sched_lp = torch.zeros(b, steps, device=device)
-            token_noise = None if shared else torch.empty(b, n, v, device=device)
-            remask_noise = torch.empty(b, n, device=device)
+            # per step: V^(t+1), I_t^fill, A_t, raw A_t, log pi_model,t, schedule log-prob
+            record: dict[str, list[torch.Tensor]] = {
+                k: [] for k in ("tokens", "filled", "act", "raw", "lp", "slp")
+            }
+            if not shared:  # per_sample: every step's token and re-mask uniforms, row by row
+                noise = torch.empty(b, steps, 2, n, device=device)
+                for i, g in enumerate(gens):
+                    noise[i].uniform_(0, 1, generator=g)
+            remask_noise = torch.empty(b, n, device=device)  # shared draws
             positions = torch.arange(n, device=device).expand(b, n).contiguous()
 
             for t in range(steps):
+                last = t == steps - 1
                 masked = tokens == mask
                 c_logits, u_logits, feats = cfg_forward(backbone, tokens, pair)
                 feats_in = feats if schedule.needs_features else None
                 act, raw, slp = self._act(
                     schedule, t, steps, b, feats_in, gens, deterministic_schedule, device
                 )
-                logp = guided_log_probs(c_logits, u_logits, act)  # [B, N, V]
 
-                # Eq. 2: a token for every position (kept only where masked)
+                # Eq. 2: a token for every masked position (known positions keep theirs)
                 if shared:
-                    probs = guided_logits(c_logits, u_logits, act).softmax(dim=-1)
-                    sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gens[0])
-                    sampled = sampled.view(b, n)
-                    picked = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-                    confidence = torch.log(picked.clamp(PROB_FLOOR))
-                else:  # Gumbel-max: argmax(log p + G)
-                    sampled = self._gumbel(token_noise, gens).add_(logp).argmax(dim=-1)
-                    confidence = logp.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-                candidate = torch.where(masked, sampled, tokens)
+                    candidate, log_p, gumbel = self._draw_shared(
+                        c_logits, u_logits, act, tokens, masked, remask_noise, gens[0], last
+                    )
+                else:
+                    candidate, log_p, gumbel = self._draw_per_sample(
+                        c_logits, u_logits, act, tokens, masked, noise[:, t], last
+                    )
 
                 # Eq. 3-5: re-mask the lowest-confidence new tokens (none at the last step)
-                if t < steps - 1:
-                    gumbel = self._gumbel(remask_noise, gens)
+                if last:
+                    nxt = candidate
+                    fill = masked
+                else:
                     tau_r = act[:, 2].clamp_min(0.0)
-                    confidence = (confidence + tau_r[:, None] * gumbel).masked_fill_(~masked, float("inf"))
+                    confidence = (log_p + tau_r[:, None] * gumbel).masked_fill_(~masked, float("inf"))
                     keep = keep_masked_counts(act[:, 1], masked.sum(-1), t, steps, n, self.options.rounding)
                     remask = lowest_confidence_mask(confidence, keep, positions)
                     nxt = candidate.masked_fill(remask, mask)
                     fill = masked ^ remask  # remask only selects masked positions (known ones are +inf)
-                else:
-                    nxt = candidate
-                    fill = masked
 
-                model_lp[:, t] = filled_log_prob(logp, nxt, fill)
-                sched_lp[:, t] = slp
-                actions[:, t] = act
-                raw_actions[:, t] = raw
-                filled[:, t] = fill
-                all_tokens[:, t + 1] = nxt
+                lp = step_log_prob(c_logits, u_logits, act, nxt, fill)
+                for key, value in zip(record, (nxt, fill, act, raw, lp, slp)):
+                    record[key].append(value)
                 tokens = nxt
 
-        traj = Trajectory(
-            tokens=all_tokens,
-            filled=filled,
-            actions=actions,
-            raw_actions=raw_actions,
-            model_log_probs=model_lp,
-            schedule_log_probs=sched_lp,
-            seeds=seeds.clone(),
-            prompts=prompts,
-            group_ids=group_ids,
-        )
+        with torch.no_grad():
+            start = torch.full((b, n), mask, dtype=torch.long, device=device)
+            traj = Trajectory(
+                tokens=torch.stack([start, *record["tokens"]], dim=1),
+                filled=torch.stack(record["filled"], dim=1),
+                actions=torch.stack(record["act"], dim=1),
+                raw_actions=torch.stack(record["raw"], dim=1),
+                model_log_probs=torch.stack(record["lp"], dim=1),
+                schedule_log_probs=torch.stack(record["slp"], dim=1),
+                seeds=seeds.clone(),
+                prompts=prompts,
+                group_ids=group_ids,
+            )
         traj.validate(mask)
         return traj
 
@@ -388,5 +576,5 @@ class ConfidenceSampler(Sampler):
         fill = traj.filled[:, step].to(device)
         act = traj.actions[:, step].to(device=device, dtype=torch.float32)
         c_logits, u_logits, feats = cfg_forward(backbone, tokens, Conditioning.cat([uncond, cond]))
-        logp = guided_log_probs(c_logits, u_logits, act)
-        return StepReplay(model_log_prob=filled_log_prob(logp, nxt, fill), features=feats.detach())
+        lp = step_log_prob(c_logits, u_logits, act, nxt, fill)
+        return StepReplay(model_log_prob=lp, features=feats.detach())
