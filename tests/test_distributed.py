@@ -3,6 +3,7 @@ rewards and advantages, and the same updated weights within float tolerance."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,13 @@ from toy_plugin import TOY_RECIPE
 from mdmrl import checkpoint as ckpt
 
 TESTS = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on now (a fixed port collides with a lingering run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(tmp_path, name, recipe, procs):
@@ -36,7 +44,7 @@ def _run(tmp_path, name, recipe, procs):
             "--dynamo_backend",
             "no",
             "--main_process_port",
-            "29533",
+            str(_free_port()),
             str(TESTS / "toy_main.py"),
         ]
     proc = subprocess.run(
