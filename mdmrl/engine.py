@@ -243,7 +243,9 @@ class Trainer:
         with torch.no_grad(), self._autocast():
             bb = self.parts.backbone
             cond, uncond = bb.encode_prompts(traj.prompts), bb.null_conditioning(traj.batch_size)
-            obj.prepare(Policies(bb, self.parts.schedule, self.parts.sampler, cond, uncond, self.reference), traj)
+            obj.prepare(
+                Policies(bb, self.parts.schedule, self.parts.sampler, cond, uncond, self.reference), traj
+            )
         bad = False
         for _ in range(t.epochs):
             perm = torch.randperm(b_global, generator=self.gens["update"])

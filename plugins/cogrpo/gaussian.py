@@ -162,7 +162,9 @@ class GaussianOptions:
     )
     base_options: dict = field(
         default_factory=dict,
-        metadata={"doc": "options of the base schedule, validated by its own schema (e.g. { cfg_scale = 3.0 })"},
+        metadata={
+            "doc": "options of the base schedule, validated by its own schema (e.g. { cfg_scale = 3.0 })"
+        },
     )
     sigma: float = field(
         default=0.1,

@@ -19,13 +19,19 @@ from mdmrl.interfaces import BuildContext, PromptSource
 @dataclass
 class PromptFileOptions:
     train: str = field(metadata={"doc": "training prompt file (relative paths: from the recipe's folder)"})
-    eval: str | None = field(default=None, metadata={"doc": "held-out prompt file (default: the training file)"})
-    max_eval: int | None = field(default=None, metadata={"doc": "use only the first N held-out prompts", "min": 1})
+    eval: str | None = field(
+        default=None, metadata={"doc": "held-out prompt file (default: the training file)"}
+    )
+    max_eval: int | None = field(
+        default=None, metadata={"doc": "use only the first N held-out prompts", "min": 1}
+    )
 
 
 def read_prompts(path: Path) -> tuple[list[str], list[str]]:
     if not path.is_file():
-        raise UserError(f"{path}: prompt file not found (one prompt per line; set prompts.*.options.train/eval)")
+        raise UserError(
+            f"{path}: prompt file not found (one prompt per line; set prompts.*.options.train/eval)"
+        )
     prompts, cats = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip() or line.lstrip().startswith("#"):

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from mdmrl.errors import UserError
+from mdmrl.interfaces import BuildContext
 from mdmrl_plugins.rewards.common import (
     CachedModelRewarder,
     cached_hub_file,
@@ -30,9 +33,6 @@ from mdmrl_plugins.rewards.common import (
     normalize,
     resolve_device,
 )
-
-from mdmrl.errors import UserError
-from mdmrl.interfaces import BuildContext
 
 #: The checkpoint the clip-score package uses by default.
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"

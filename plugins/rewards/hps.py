@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from mdmrl.errors import UserError
+from mdmrl.interfaces import BuildContext
 from mdmrl_plugins.rewards.common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -35,9 +38,6 @@ from mdmrl_plugins.rewards.common import (
     resize_longest_pad,
     resolve_device,
 )
-
-from mdmrl.errors import UserError
-from mdmrl.interfaces import BuildContext
 
 #: Hub repository of the HPS checkpoints.
 HPS_REPO = "xswu/HPSv2"

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from mdmrl.errors import UserError
+from mdmrl.interfaces import BuildContext
 from mdmrl_plugins.rewards.common import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -35,9 +38,6 @@ from mdmrl_plugins.rewards.common import (
     resize_shortest_center_crop,
     resolve_device,
 )
-
-from mdmrl.errors import UserError
-from mdmrl.interfaces import BuildContext
 
 #: Hub repository holding ``ImageReward.pt`` and ``med_config.json``.
 IMAGEREWARD_REPO = "THUDM/ImageReward"

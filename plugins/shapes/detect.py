@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from mdmrl_plugins.shapes.world import CODEBOOK_SIZE, COLOURS, GRID, SHAPES, templates
 
 #: Smallest and largest bounding-box side (tokens) of a component that can be a shape.

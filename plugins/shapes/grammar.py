@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import numpy as np
-from mdmrl_plugins.shapes.world import COLOURS, SHAPES
 
 from mdmrl.errors import UserError
+from mdmrl_plugins.shapes.world import COLOURS, SHAPES
 
 #: The GenEval task families, in the order sources cycle through them.
 FAMILIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")

@@ -77,9 +77,7 @@ class ShapesMDMConfig:
         if self.patch < 1 or self.grid % self.patch != 0:
             raise UserError(f"backbone.options: patch {self.patch} must divide the grid side {self.grid}")
         if self.width % self.heads != 0:
-            raise UserError(
-                f"backbone.options: width {self.width} must be divisible by heads {self.heads}"
-            )
+            raise UserError(f"backbone.options: width {self.width} must be divisible by heads {self.heads}")
 
 
 #: The architecture fields shared by the recipe options and :class:`ShapesMDMConfig`.
@@ -116,7 +114,9 @@ class WordTokenizer:
 
     def __init__(self, vocabulary: list[str] | tuple[str, ...], length: int):
         words = [w.lower() for w in vocabulary]
-        self.itos: list[str] = list(SPECIAL_TOKENS) + [w for w in dict.fromkeys(words) if w not in SPECIAL_TOKENS]
+        self.itos: list[str] = list(SPECIAL_TOKENS) + [
+            w for w in dict.fromkeys(words) if w not in SPECIAL_TOKENS
+        ]
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
         self.length = length
 
@@ -205,14 +205,25 @@ class ShapesMDMOptions:
             "resolved against the recipe folder first)"
         },
     )
-    layers: int = field(default=3, metadata={"doc": "joint transformer blocks (random only)", "min": 1, "max": 24})
+    layers: int = field(
+        default=3, metadata={"doc": "joint transformer blocks (random only)", "min": 1, "max": 24}
+    )
     width: int = field(default=96, metadata={"doc": "model width D (random only)", "min": 8, "max": 1024})
-    heads: int = field(default=4, metadata={"doc": "attention heads; divides width (random only)", "min": 1, "max": 32})
-    text_layers: int = field(default=1, metadata={"doc": "text-encoder blocks (random only)", "min": 0, "max": 8})
-    text_len: int = field(default=12, metadata={"doc": "text length L in words (random only)", "min": 1, "max": 64})
+    heads: int = field(
+        default=4, metadata={"doc": "attention heads; divides width (random only)", "min": 1, "max": 32}
+    )
+    text_layers: int = field(
+        default=1, metadata={"doc": "text-encoder blocks (random only)", "min": 0, "max": 8}
+    )
+    text_len: int = field(
+        default=12, metadata={"doc": "text length L in words (random only)", "min": 1, "max": 64}
+    )
     patch: int = field(
         default=2,
-        metadata={"doc": "side of the token patch one transformer position holds (random only)", "choices": [1, 2, 4]},
+        metadata={
+            "doc": "side of the token patch one transformer position holds (random only)",
+            "choices": [1, 2, 4],
+        },
     )
     seed: int = field(default=0, metadata={"doc": "seed of the random init (random only)", "min": 0})
 
@@ -242,7 +253,8 @@ class PretrainOptions:
     text_layers: int = field(default=1, metadata={"doc": "text-encoder blocks", "min": 0, "max": 8})
     text_len: int = field(default=12, metadata={"doc": "text length L in words", "min": 1, "max": 64})
     patch: int = field(
-        default=2, metadata={"doc": "side of the token patch one transformer position holds", "choices": [1, 2, 4]}
+        default=2,
+        metadata={"doc": "side of the token patch one transformer position holds", "choices": [1, 2, 4]},
     )
 
 
@@ -268,7 +280,9 @@ class ShapesMDM(Backbone):
         # text encoder
         self.word_emb = nn.Embedding(self.tokenizer.size, d)
         self.text_pos = nn.Parameter(torch.zeros(config.text_len, d))
-        self.text_blocks = nn.ModuleList(Block(d, config.heads, config.mlp_ratio) for _ in range(config.text_layers))
+        self.text_blocks = nn.ModuleList(
+            Block(d, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
+        )
         self.text_norm = nn.LayerNorm(d)
         # image stream
         # one embedding table per position inside a patch: id = sub * (V + 1) + token
@@ -278,7 +292,9 @@ class ShapesMDM(Backbone):
         self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.pooled_proj = nn.Linear(d, d)
         self.text_type = nn.Parameter(torch.zeros(d))
-        self.blocks = nn.ModuleList(Block(d, config.heads, config.mlp_ratio, gp) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(
+            Block(d, config.heads, config.mlp_ratio, gp) for _ in range(config.layers)
+        )
         self.unpatch = nn.Linear(d, p * p * d) if p > 1 else None
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.codebook_size)
@@ -356,13 +372,17 @@ class ShapesMDM(Backbone):
         try:
             state = load_file(str(weights))
         except (OSError, SafetensorError, ValueError) as exc:
-            raise UserError(f"backbone.options.weights: {weights} is not a readable safetensors file: {exc}") from None
+            raise UserError(
+                f"backbone.options.weights: {weights} is not a readable safetensors file: {exc}"
+            ) from None
         model = cls(cfg)
         try:
             model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0] if str(exc) else "mismatch"
-            raise UserError(f"backbone.options.weights: {weights} does not match {cfg_path}: {first}") from None
+            raise UserError(
+                f"backbone.options.weights: {weights} does not match {cfg_path}: {first}"
+            ) from None
         return model
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:

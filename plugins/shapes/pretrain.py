@@ -132,7 +132,9 @@ def pretrain(
     window: list[float] = []
     curve: list[list[float]] = []
     for step in range(1, options.steps + 1):
-        batch = make_batch(rng, options.batch_size, n, model.mask_token_id, options.null_prompt_prob, sample_pair)
+        batch = make_batch(
+            rng, options.batch_size, n, model.mask_token_id, options.null_prompt_prob, sample_pair
+        )
         loss = masked_loss(model, *batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

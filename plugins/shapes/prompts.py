@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from mdmrl_plugins.shapes.grammar import FAMILIES, family_prompts, parse, sample_prompt
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import BuildContext, PromptSource
+from mdmrl_plugins.shapes.grammar import FAMILIES, family_prompts, parse, sample_prompt
 
 
 @dataclass

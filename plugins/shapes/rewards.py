@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from mdmrl_plugins.shapes.detect import DetectedObject, ObjectTable, detect_batch, relation_holds_array
-from mdmrl_plugins.shapes.grammar import PLURALS, RELATIONS, Requirements, parse
-from mdmrl_plugins.shapes.world import CODEBOOK_SIZE, COLOURS, GRID, SHAPES
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import GeneratedBatch, NoOptions, Rewarder
+from mdmrl_plugins.shapes.detect import DetectedObject, ObjectTable, detect_batch, relation_holds_array
+from mdmrl_plugins.shapes.grammar import PLURALS, RELATIONS, Requirements, parse
+from mdmrl_plugins.shapes.world import CODEBOOK_SIZE, COLOURS, GRID, SHAPES
 
 
 @dataclass(frozen=True)

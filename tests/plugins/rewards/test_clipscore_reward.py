@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mdmrl_plugins.rewards.clipscore import CLIPScoreOptions, CLIPScoreRewarder
 
 from mdmrl.errors import UserError
+from mdmrl_plugins.rewards.clipscore import CLIPScoreOptions, CLIPScoreRewarder
 
 PROMPTS = ["a red cat", "a blue house", "a photo of a tree", "a green car", "a dog in the sky", "the sea"]
 

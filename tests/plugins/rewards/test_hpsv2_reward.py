@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from mdmrl_plugins.rewards.hps import HPSv2Options, HPSv2Rewarder
 
 from mdmrl.errors import UserError
+from mdmrl_plugins.rewards.hps import HPSv2Options, HPSv2Rewarder
 
 PROMPTS = ["a red cat", "a blue house", "a photo of a tree", "a green car", "a dog in the sky"]
 

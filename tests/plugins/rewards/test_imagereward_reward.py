@@ -8,9 +8,9 @@ import argparse
 
 import pytest
 import torch
-from mdmrl_plugins.rewards.imagereward import ImageRewardOptions, ImageRewardRewarder
 
 from mdmrl.errors import UserError
+from mdmrl_plugins.rewards.imagereward import ImageRewardOptions, ImageRewardRewarder
 
 PROMPTS = ["a red cat", "a blue house", "a photo of a tree", "a green car", "a dog in the sky"]
 

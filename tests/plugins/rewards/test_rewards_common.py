@@ -15,10 +15,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mdmrl_plugins.rewards import common
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import BuildContext
+from mdmrl_plugins.rewards import common
 
 
 # -- preprocessing ---------------------------------------------------------------------------
@@ -210,9 +210,8 @@ def test_pickling_drops_the_loaded_model():
 
 # -- registration -----------------------------------------------------------------------------
 def test_plugin_registers_the_three_rewarders():
-    from mdmrl_plugins.rewards import plugin
-
     from mdmrl.plugins import Registry
+    from mdmrl_plugins.rewards import plugin
 
     reg = Registry()
     reg.register_plugin(plugin, "rewards")
@@ -223,11 +222,10 @@ def test_plugin_registers_the_three_rewarders():
 
 
 def test_options_are_validated_by_the_recipe_schema():
+    from mdmrl.options import build
     from mdmrl_plugins.rewards.clipscore import CLIPScoreOptions
     from mdmrl_plugins.rewards.hps import HPSv2Options
     from mdmrl_plugins.rewards.imagereward import ImageRewardOptions
-
-    from mdmrl.options import build
 
     for cls in (ImageRewardOptions, HPSv2Options, CLIPScoreOptions):
         problems: list[str] = []

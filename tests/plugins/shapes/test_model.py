@@ -8,6 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from mdmrl.errors import UserError
+from mdmrl.interfaces import BuildContext
+from mdmrl.trajectory import Conditioning
 from mdmrl_plugins.shapes import grammar, world
 from mdmrl_plugins.shapes.model import (
     BUILTIN_WEIGHTS,
@@ -18,17 +22,19 @@ from mdmrl_plugins.shapes.model import (
     config_path,
 )
 
-from mdmrl.errors import UserError
-from mdmrl.interfaces import BuildContext
-from mdmrl.trajectory import Conditioning
-
 V = world.CODEBOOK_SIZE
 N = world.GRID * world.GRID
 
 
 def tiny(seed: int = 0, **kw) -> ShapesMDM:
     cfg = dict(
-        vocabulary=list(grammar.VOCABULARY), codebook_size=V, layers=1, width=16, heads=2, text_layers=1, text_len=12
+        vocabulary=list(grammar.VOCABULARY),
+        codebook_size=V,
+        layers=1,
+        width=16,
+        heads=2,
+        text_layers=1,
+        text_len=12,
     )
     cfg.update(kw)
     torch.manual_seed(seed)
@@ -105,7 +111,9 @@ def test_padding_positions_do_not_reach_the_image(model, seed):
     g = torch.Generator().manual_seed(seed)
     cond = model.encode_prompts(["a green triangle"])
     noisy = Conditioning(
-        hidden=torch.where(cond.attention_mask[..., None], cond.hidden, torch.randn(cond.hidden.shape, generator=g)),
+        hidden=torch.where(
+            cond.attention_mask[..., None], cond.hidden, torch.randn(cond.hidden.shape, generator=g)
+        ),
         pooled=cond.pooled,
         attention_mask=cond.attention_mask,
     )
@@ -142,9 +150,15 @@ def test_save_load_round_trip(tmp_path):
     assert meta["architecture"]["width"] == 16 and meta["note"] == 1 and meta["storage"] == "float32"
     back = ShapesMDM.load(str(path)).eval()
     tokens = torch.randint(0, V + 1, (2, N))
-    assert torch.equal(run(m, ["a red circle", ""], tokens, 0.4).logits, run(back, ["a red circle", ""], tokens, 0.4).logits)
-    built = ShapesMDM.from_options(ShapesMDMOptions(weights=path.name), BuildContext(recipe_dir=str(tmp_path)))
-    assert torch.equal(run(built, ["two squares"], tokens[:1]).logits, run(m, ["two squares"], tokens[:1]).logits)
+    assert torch.equal(
+        run(m, ["a red circle", ""], tokens, 0.4).logits, run(back, ["a red circle", ""], tokens, 0.4).logits
+    )
+    built = ShapesMDM.from_options(
+        ShapesMDMOptions(weights=path.name), BuildContext(recipe_dir=str(tmp_path))
+    )
+    assert torch.equal(
+        run(built, ["two squares"], tokens[:1]).logits, run(m, ["two squares"], tokens[:1]).logits
+    )
 
 
 def test_builtin_weights_load_and_give_valid_logits():

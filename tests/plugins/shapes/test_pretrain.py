@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from mdmrl import options as opt_schema
 from mdmrl_plugins.shapes import world
 from mdmrl_plugins.shapes.model import PretrainOptions, ShapesMDM, config_path
 from mdmrl_plugins.shapes.pretrain import cosine_mask, lr_factor, make_batch
-
-from mdmrl import options as opt_schema
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "shapes" / "pretrain.toml"
 TINY = dict(layers=1, width=16, heads=2, text_layers=1, text_len=12, batch_size=8, threads=0)
@@ -48,7 +48,9 @@ def test_pretraining_lowers_the_masked_loss(first_run):
 def test_pretraining_writes_loadable_weights_and_config(first_run):
     summary, out, _ = first_run
     meta = json.loads(config_path(out).read_text())
-    assert meta["architecture"]["width"] == 16 and meta["architecture"]["codebook_size"] == world.CODEBOOK_SIZE
+    assert (
+        meta["architecture"]["width"] == 16 and meta["architecture"]["codebook_size"] == world.CODEBOOK_SIZE
+    )
     assert meta["pretrain"]["steps"] == 20 and meta["pretrain"]["seed"] == 7
     assert meta["final_loss"] == pytest.approx(summary["final_loss"]) and meta["wall_time_s"] >= 0
     m = ShapesMDM.load(str(out))
@@ -111,7 +113,9 @@ def test_recipe_options_validate():
     problems: list[str] = []
     opts = opt_schema.build(PretrainOptions, data["pretrain"]["options"], "pretrain.options", problems)
     assert problems == []
-    meta = json.loads(config_path(Path(__file__).resolve().parents[3] / data["pretrain"]["output"]).read_text())
+    meta = json.loads(
+        config_path(Path(__file__).resolve().parents[3] / data["pretrain"]["output"]).read_text()
+    )
     # The committed weights were produced by this recipe.
     for key, value in data["pretrain"]["options"].items():
         assert meta["pretrain"][key] == value, key

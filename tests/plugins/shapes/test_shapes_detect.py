@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from mdmrl_plugins.shapes import detect, world
 from mdmrl_plugins.shapes.detect import detect_batch, find_objects, relation_holds
 from mdmrl_plugins.shapes.world import COLOURS, GRID, SHAPES, Scene, ShapeSpec, render

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from mdmrl.errors import UserError
 from mdmrl_plugins.shapes import grammar
 from mdmrl_plugins.shapes.grammar import (
     FAMILIES,
@@ -18,8 +20,6 @@ from mdmrl_plugins.shapes.grammar import (
     parse,
     sample_prompt,
 )
-
-from mdmrl.errors import UserError
 
 EXAMPLES = {
     "a circle": ("single_object", Requirements((ObjectPhrase("circle"),))),

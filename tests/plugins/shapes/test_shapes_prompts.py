@@ -9,13 +9,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mdmrl_plugins.shapes.grammar import FAMILIES, family_prompts, is_heldout, parse
-from mdmrl_plugins.shapes.prompts import ShapesHeldoutPrompts, ShapesPromptOptions, ShapesTrainPrompts
 
 from mdmrl import options as opt_schema
 from mdmrl.errors import UserError
 from mdmrl.interfaces import BuildContext
 from mdmrl.plugins import get_registry
+from mdmrl_plugins.shapes.grammar import FAMILIES, family_prompts, is_heldout, parse
+from mdmrl_plugins.shapes.prompts import ShapesHeldoutPrompts, ShapesPromptOptions, ShapesTrainPrompts
 
 
 def build(name: str, table: dict | None = None):
@@ -126,4 +126,8 @@ def test_categorize_gives_the_family_of_each_prompt():
     prompts = src.evaluation()
     cats = src.categorize(prompts)
     assert set(cats) == {"single_object", "two_objects", "counting", "colors", "position", "color_attr"}
-    assert src.categorize(["A red circle", "three triangles", "a circle to the left of a square"]) == ["colors", "counting", "position"]
+    assert src.categorize(["A red circle", "three triangles", "a circle to the left of a square"]) == [
+        "colors",
+        "counting",
+        "position",
+    ]

@@ -9,15 +9,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mdmrl_plugins.shapes import world
-from mdmrl_plugins.shapes.grammar import FAMILIES, ObjectPhrase, sample_prompt
-from mdmrl_plugins.shapes.rewards import ShapesAlignment, ShapesQuality, score, score_batch
-from mdmrl_plugins.shapes.world import COLOURS, GRID, render, sample_pair
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import BuildContext, GeneratedBatch, NoOptions
 from mdmrl.plugins import get_registry
 from mdmrl.rewarding import CompositeRewarder
+from mdmrl_plugins.shapes import world
+from mdmrl_plugins.shapes.grammar import FAMILIES, ObjectPhrase, sample_prompt
+from mdmrl_plugins.shapes.rewards import ShapesAlignment, ShapesQuality, score, score_batch
+from mdmrl_plugins.shapes.world import COLOURS, GRID, render, sample_pair
 
 RED, BLUE = COLOURS.index("red"), COLOURS.index("blue")
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
+
 from mdmrl_plugins.shapes import world
 from mdmrl_plugins.shapes.grammar import FAMILIES, is_heldout, parse
 from mdmrl_plugins.shapes.rewards import score, score_batch
@@ -26,7 +28,6 @@ from mdmrl_plugins.shapes.world import (
     save_grid_png,
     shape_mask,
 )
-from PIL import Image
 
 
 def test_palette_and_constants():
