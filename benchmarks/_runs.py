@@ -437,8 +437,47 @@ def write_json(path: str | None, data: dict) -> None:
         Path(path).write_text(json.dumps(data, indent=1))
 
 
-def budget_dict(b: Budget) -> dict[str, Any]:
-    return asdict(b)
+def run_and_report(
+    script: str,
+    title: str,
+    argv: list[str] | None,
+    json_path: str | None,
+    runner: Runner,
+    run: Callable[[], dict],
+    render: Callable[[dict, Budget], tuple[str, dict]],
+) -> None:
+    """Run a results script's runs (``run()`` -> raw results), print its markdown
+    (title, the exact command, date, machine and wall time, a PARTIAL line when cached
+    runs are missing, then ``render``'s tables) and write the JSON file when asked."""
+    from datetime import datetime, timezone
+
+    b = runner.budget
+    started = time.perf_counter()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    raw = run()
+    text, nums = render(raw, b)
+    wall = time.perf_counter() - started
+    cmd = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"{title}\n")
+    print(f"`{cmd.strip()}` — {stamp}; {machine()}; wall time {wall / 60:.1f} min\n")
+    if runner.missing:
+        print(
+            f"**PARTIAL**: {runner.found} of {runner.found + runner.missing} runs and evaluations are "
+            "finished; missing cells show as —.\n"
+        )
+    print(text)
+    write_json(
+        json_path,
+        {
+            "command": cmd.strip(),
+            "date": stamp,
+            "machine": machine(),
+            "wall_seconds": wall,
+            "budget": asdict(b),
+            "tables": nums,
+            "raw": raw,
+        },
+    )
 
 
 __all__ = [
@@ -450,5 +489,7 @@ __all__ = [
     "fmt",
     "table",
     "machine",
+    "pick_budget",
+    "run_and_report",
     "replace",
 ]

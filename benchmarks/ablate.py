@@ -14,24 +14,21 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import (  # noqa: E402
     OUT,
-    SMOKE,
     Budget,
     Runner,
     RunSpec,
     fmt,
-    machine,
     mean_std,
+    pick_budget,
+    run_and_report,
     setup_threads,
     table,
-    write_json,
 )
 
 BUDGETS = {
@@ -394,34 +391,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     setup_threads(args.threads)
-    b = SMOKE if args.smoke else BUDGETS[args.budget]
+    b = pick_budget(args.budget, BUDGETS, args.smoke)
     out_dir = Path(args.out) if args.out else OUT / "ablate" / b.name
     runner = Runner(b, out_dir, device=args.device, cache_only=args.partial)
-    started = time.perf_counter()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    raw = run_all(runner, b, list(range(args.seeds)))
-    text, nums = render(raw, b)
-    wall = time.perf_counter() - started
-    cmd = "python benchmarks/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"## Co-GRPO ablations on the shapes world (budget {b.name}, {args.seeds} seeds)\n")
-    print(f"`{cmd.strip()}` — {stamp}; {machine()}; wall time {wall / 60:.1f} min\n")
-    if runner.missing:
-        print(
-            f"**PARTIAL**: {runner.found} of {runner.found + runner.missing} runs and evaluations are "
-            "finished; missing cells show as —.\n"
-        )
-    print(text)
-    write_json(
+    run_and_report(
+        "ablate.py",
+        f"## Co-GRPO ablations on the shapes world (budget {b.name}, {args.seeds} seeds)",
+        argv,
         args.json,
-        {
-            "command": cmd.strip(),
-            "date": stamp,
-            "machine": machine(),
-            "wall_seconds": wall,
-            "budget": b.__dict__,
-            "tables": nums,
-            "raw": raw,
-        },
+        runner,
+        lambda: run_all(runner, b, list(range(args.seeds))),
+        render,
     )
     return 0
 

@@ -38,7 +38,6 @@ forward) and the speed ratio these give at equal forward time.
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 
 import common
@@ -137,26 +136,13 @@ def main(argv: list[str] | None = None) -> dict:
     # time inside the shared UVit2DModel's forward, per call: the same T forwards of
     # batch 2B on both sides, whatever the load of the machine during that call
     inside: dict[str, list[float]] = {}
-    transformer_forward = tiny.transformer.forward
 
     def forwards_timed(name: str, fn):
         def call():
-            spent = [0.0]
-
-            def timed(*a, **kw):
-                common.sync(device)
-                t0 = time.perf_counter()
-                out = transformer_forward(*a, **kw)
-                common.sync(device)
-                spent[0] += time.perf_counter() - t0
-                return out
-
-            tiny.transformer.forward = timed
-            try:
-                return fn()
-            finally:
-                del tiny.transformer.forward
-                inside.setdefault(name, []).append(spent[0])
+            with common.time_inside(tiny.transformer, device) as spent:
+                out = fn()
+            inside.setdefault(name, []).append(spent[0])
+            return out
 
         return call
 

@@ -28,7 +28,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,29 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+@contextmanager
+def time_inside(module: Any, device: torch.device) -> Iterator[list[float]]:
+    """Patch ``module.forward`` while the block runs; yields a one-element list that
+    accumulates the seconds spent inside it (synchronised on ``device`` around each
+    call). The class's forward is restored afterwards."""
+    spent = [0.0]
+    forward = module.forward
+
+    def timed(*args, **kwargs):
+        sync(device)
+        t0 = time.perf_counter()
+        out = forward(*args, **kwargs)
+        sync(device)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    module.forward = timed
+    try:
+        yield spent
+    finally:
+        del module.forward
 
 
 def time_interleaved(

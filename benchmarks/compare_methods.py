@@ -17,13 +17,21 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _runs import OUT, SMOKE, Budget, Runner, RunSpec, fmt, machine, setup_threads, table, write_json  # noqa: E402
+from _runs import (  # noqa: E402
+    OUT,
+    Budget,
+    Runner,
+    RunSpec,
+    fmt,
+    pick_budget,
+    run_and_report,
+    setup_threads,
+    table,
+)
 
 BUDGETS = {
     "quick": Budget(
@@ -193,35 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     setup_threads(args.threads)
-    b = SMOKE if args.smoke else BUDGETS[args.budget]
+    b = pick_budget(args.budget, BUDGETS, args.smoke)
     minutes = args.minutes if args.minutes is not None else b.minutes
     out_dir = Path(args.out) if args.out else OUT / "compare" / b.name
     runner = Runner(b, out_dir, device=args.device, cache_only=args.partial)
-    started = time.perf_counter()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    raw = run_all(runner, b, list(range(args.seeds)), minutes)
-    text, nums = render(raw, b)
-    wall = time.perf_counter() - started
-    cmd = "python benchmarks/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"## Method comparison on the shapes world (budget {b.name}, {args.seeds} seeds)\n")
-    print(f"`{cmd.strip()}` — {stamp}; {machine()}; wall time {wall / 60:.1f} min\n")
-    if runner.missing:
-        print(
-            f"**PARTIAL**: {runner.found} of {runner.found + runner.missing} runs and evaluations are "
-            "finished; missing cells show as —.\n"
-        )
-    print(text)
-    write_json(
+    run_and_report(
+        "compare_methods.py",
+        f"## Method comparison on the shapes world (budget {b.name}, {args.seeds} seeds)",
+        argv,
         args.json,
-        {
-            "command": cmd.strip(),
-            "date": stamp,
-            "machine": machine(),
-            "wall_seconds": wall,
-            "budget": b.__dict__,
-            "tables": nums,
-            "raw": raw,
-        },
+        runner,
+        lambda: run_all(runner, b, list(range(args.seeds)), minutes),
+        render,
     )
     return 0
 

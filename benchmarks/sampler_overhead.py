@@ -217,24 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
             inside: list[float] = []  # seconds spent in backbone.forward, per rollout call
 
             def rollout(case=case, seeds=seeds, inside=inside):
-                bb, spent = case["backbone"], [0.0]
-                forward = bb.forward
-
-                def timed(*args, **kwargs):
-                    common.sync(device)
-                    t0 = time.perf_counter()
-                    out = forward(*args, **kwargs)
-                    common.sync(device)
-                    spent[0] += time.perf_counter() - t0
-                    return out
-
-                bb.forward = timed
-                try:
-                    with torch.no_grad():
-                        return case["sampler"].sample(bb, case["schedule"], case["prompts"], steps, seeds)
-                finally:
-                    del bb.forward
-                    inside.append(spent[0])
+                with common.time_inside(case["backbone"], device) as spent, torch.no_grad():
+                    out = case["sampler"].sample(
+                        case["backbone"], case["schedule"], case["prompts"], steps, seeds
+                    )
+                inside.append(spent[0])
+                return out
 
             def floor(bb=bb, inputs=inputs, pair=pair):
                 with torch.inference_mode():

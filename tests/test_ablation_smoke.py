@@ -72,7 +72,7 @@ def ablate_run(tmp_path_factory):
 def test_ablate_smoke_tables_and_resume(ablate_run, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mod, tmp = ablate_run
-    smoke = mod.SMOKE
+    smoke = mod.pick_budget("quick", mod.BUDGETS, smoke=True)  # the budget main() runs with --smoke
     args = ["--smoke", "--seeds", "2", "--out", str(tmp / "cache"), "--json", str(tmp / "a.json")]
     assert mod.main(args) == 0
     cap = capsys.readouterr()
