@@ -134,6 +134,12 @@ class SchedulePolicy(Part, nn.Module, ABC):
         """log pi_schedule,t of recorded unconstrained actions raw float [B, K] -> float32 [B]
         (differentiable in the policy's parameters)."""
 
+    def guidance_free(self, step: int, num_steps: int) -> bool:
+        """True when every action this policy can choose at ``step`` has CFG scale s = 1
+        exactly, so a sampler may run the conditional forward alone (batch B instead
+        of 2B) before the action is drawn. The default, False, is always safe."""
+        return False
+
 
 @dataclass
 class StepReplay:

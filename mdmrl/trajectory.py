@@ -25,6 +25,12 @@ ACTION_FIELDS: tuple[str, ...] = (
 NUM_ACTIONS = len(ACTION_FIELDS)
 
 
+def is_guidance_free(actions: torch.Tensor) -> bool:
+    """True when every row of the actions float [B, K] has CFG scale s = 1 exactly (a
+    guidance-free step: samplers run the conditional forward alone)."""
+    return bool((actions[:, ACTION_FIELDS.index("cfg_scale")] == 1.0).all())
+
+
 @dataclass
 class Conditioning:
     """Text conditioning produced by :meth:`Backbone.encode_prompts`.

@@ -271,6 +271,10 @@ class GaussianSchedule(SchedulePolicy):
         """Differential entropy of pi_schedule,t in nats (constant: sigma is fixed)."""
         return len(self.trainable) * (0.5 * math.log(2.0 * math.pi * math.e) + math.log(self.sigma))
 
+    def guidance_free(self, step: int, num_steps: int) -> bool:
+        """True when the CFG scale is not learned and the base schedule's is exactly 1."""
+        return "cfg_scale" not in self.trainable and self.base.guidance_free(step, num_steps)
+
     def base_actions(self, step: int, num_steps: int, batch_size: int, device: torch.device) -> torch.Tensor:
         """The base schedule's action at ``step`` in valid units, float32 [B, K]."""
         with torch.no_grad():

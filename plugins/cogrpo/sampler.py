@@ -4,7 +4,10 @@ At every step t the schedule policy chooses A_t = (tau_s, r, tau_r, s), then:
 
 1. one backbone forward of batch 2B on [V^(t); V^(t)] with [uncond; cond] gives
    unconditional logits u and conditional logits c [B, N, V] (and the conditional
-   branch's features, the schedule policy's input);
+   branch's features, the schedule policy's input). When the step is guidance-free
+   (s = 1 for every row: the rollout asks ``schedule.guidance_free``, the replay
+   reads the recorded actions) the forward runs on the B conditional rows alone and
+   u = c, so the guided logits are c exactly and the step costs half;
 2. every masked position draws a token from the guided, tempered distribution
    softmax((u + s (c - u)) / tau_s) (Eq. 2); known positions keep theirs;
 3. confidence C_i = log p(sampled token) under that same distribution plus
@@ -52,7 +55,7 @@ import torch
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import Backbone, Sampler, SchedulePolicy, StepReplay
-from mdmrl.trajectory import NUM_ACTIONS, Conditioning, Trajectory
+from mdmrl.trajectory import NUM_ACTIONS, Conditioning, Trajectory, is_guidance_free
 
 #: Smallest sampling temperature used (a policy's exp(u) can underflow to 0).
 MIN_TEMPERATURE = 1e-6
@@ -307,14 +310,22 @@ def lowest_confidence_mask(
 
 
 def cfg_forward(
-    backbone: Backbone, tokens: torch.Tensor, pair: Conditioning
+    backbone: Backbone, tokens: torch.Tensor, pair: Conditioning, cond: Conditioning | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward of batch 2B for classifier-free guidance.
 
     tokens: long [B, N]; pair: ``Conditioning.cat([uncond, cond])`` (batch 2B, the
     unconditional half first, as aMUSEd's and Meissonic's pipelines order it).
     Returns (cond logits float32 [B, N, V], uncond logits float32 [B, N, V], cond
-    features [B, N, D])."""
+    features [B, N, D]).
+
+    With ``cond`` (batch B) given, the step is guidance-free: one forward of batch B
+    on the conditional rows, and the same tensor is returned as both logits (then
+    u + s (c - u) with s = 1 is c exactly)."""
+    if cond is not None:
+        out = backbone(tokens, cond, masked_fraction(tokens, backbone.mask_token_id))
+        logits = out.logits.float()
+        return logits, logits, out.features
     b = tokens.shape[0]
     doubled = torch.cat([tokens, tokens])
     out = backbone(doubled, pair, masked_fraction(doubled, backbone.mask_token_id))
@@ -508,11 +519,16 @@ class ConfidenceSampler(Sampler):
             for t in range(steps):
                 last = t == steps - 1
                 masked = tokens == mask
-                c_logits, u_logits, feats = cfg_forward(backbone, tokens, pair)
+                free = schedule.guidance_free(t, steps)
+                c_logits, u_logits, feats = cfg_forward(backbone, tokens, pair, cond if free else None)
                 feats_in = feats if schedule.needs_features else None
                 act, raw, slp = self._act(
                     schedule, t, steps, b, feats_in, gens, deterministic_schedule, device
                 )
+                if not free and is_guidance_free(act):
+                    # the replay reads s = 1 from the actions and runs the B-row forward:
+                    # draw from that same forward so that it reproduces this step exactly
+                    c_logits, u_logits, _ = cfg_forward(backbone, tokens, pair, cond)
 
                 # Eq. 2: a token for every masked position (known positions keep theirs)
                 if shared:
@@ -575,6 +591,7 @@ class ConfidenceSampler(Sampler):
         nxt = traj.tokens[:, step + 1].to(device)
         fill = traj.filled[:, step].to(device)
         act = traj.actions[:, step].to(device=device, dtype=torch.float32)
-        c_logits, u_logits, feats = cfg_forward(backbone, tokens, Conditioning.cat([uncond, cond]))
+        free = cond if is_guidance_free(act) else None
+        c_logits, u_logits, feats = cfg_forward(backbone, tokens, Conditioning.cat([uncond, cond]), free)
         lp = step_log_prob(c_logits, u_logits, act, nxt, fill)
         return StepReplay(model_log_prob=lp, features=feats.detach())

@@ -119,6 +119,11 @@ class FixedSchedule(SchedulePolicy):
         """Zeros float32 [B]: a fixed schedule has no log-prob to learn."""
         return torch.zeros(raw_actions.shape[0], dtype=torch.float32, device=raw_actions.device)
 
+    def guidance_free(self, step: int, num_steps: int) -> bool:
+        """True when this step's CFG scale is exactly 1 (no guidance)."""
+        _check_step(step, num_steps)
+        return bool(self.components(step, num_steps)[3] == 1.0)
+
 
 def _action(tau_s, r, tau_r, s) -> torch.Tensor:
     """Stack the components into float32 [K]; r is clamped to [0, 1] (a no-op except at

@@ -13,7 +13,9 @@ distribution
 
     pi(v) = softmax((u + s (c - u)) / tau_s)
 
-with c and u the conditional and unconditional logits of one forward of 2B rows.
+with c and u the conditional and unconditional logits of one forward of 2B rows
+(of the B conditional rows alone, with u = c, when the step is guidance-free: s = 1
+for every row).
 Tokens therefore "emerge" at a random count per step; a step may reveal none.
 
 The schedule comes from the :class:`~mdmrl.interfaces.SchedulePolicy`: the action's
@@ -37,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from mdmrl.interfaces import Backbone, BuildContext, Sampler, SchedulePolicy, StepReplay
-from mdmrl.trajectory import ACTION_FIELDS, Conditioning, Trajectory
+from mdmrl.trajectory import ACTION_FIELDS, Conditioning, Trajectory, is_guidance_free
 
 TEMPERATURE = ACTION_FIELDS.index("temperature")
 REMASK_RATIO = ACTION_FIELDS.index("remask_ratio")
@@ -215,8 +217,11 @@ class EmergeSampler(Sampler):
         states, fills, acts_l, raws, model_lp, sched_lp = [tokens.clone()], [], [], [], [], []
         for t in range(num_steps):
             # The forward does not depend on the action, so its features can drive it.
-            c_logits, u_logits, feats = guided_forward(backbone, tokens, cond, uncond)
+            free = schedule.guidance_free(t, num_steps)
+            c_logits, u_logits, feats = guided_forward(backbone, tokens, cond, None if free else uncond)
             acts, raw, slp = self._act(schedule, t, num_steps, feats, gens, deterministic_schedule)
+            if not free and is_guidance_free(acts):  # the replay runs the B-row forward: match it
+                c_logits, u_logits, _ = guided_forward(backbone, tokens, cond, None)
             last = t == num_steps - 1
             ratio = acts[:, REMASK_RATIO].cpu().clamp(0.0, 1.0)
             after = torch.zeros(b) if last else torch.minimum(ratio, nominal)
@@ -265,16 +270,18 @@ class EmergeSampler(Sampler):
         uncond: Conditioning,
     ) -> StepReplay:
         """Recompute log pi_model,t of step ``step`` exactly as the rollout did: the
-        same 2B forward on V^(t) with the recorded temperature and CFG scale, summed
-        over the recorded filled positions. Gradients flow when enabled.
+        same forward on V^(t) (2B rows, or B when the recorded s is 1 everywhere) with
+        the recorded temperature and CFG scale, summed over the recorded filled
+        positions. Gradients flow when enabled.
 
         Returns model_log_prob float32 [B] and the detached conditional features of
         V^(t) [B, N, D]."""
         device = next(backbone.parameters()).device
         tokens = traj.tokens[:, step].to(device)
         acts = traj.actions[:, step].to(device)
+        guidance = None if is_guidance_free(acts) else uncond
         log_probs, feats = guided_log_probs(
-            backbone, tokens, cond, uncond, acts[:, TEMPERATURE], acts[:, CFG_SCALE]
+            backbone, tokens, cond, guidance, acts[:, TEMPERATURE], acts[:, CFG_SCALE]
         )
         lp = filled_log_prob(log_probs, traj.tokens[:, step + 1].to(device), traj.filled[:, step].to(device))
         return StepReplay(model_log_prob=lp, features=feats.detach())
