@@ -109,6 +109,12 @@ class EvalSpec:
     before: bool = _f(True, doc="evaluate the untrained policies before training")
     after: bool = _f(True, doc="evaluate after training")
     deterministic_schedule: bool = _f(True, doc="use the schedule policy's mean action at evaluation")
+    reference: PartSpec | None = _f(
+        None,
+        doc="a fixed schedule under which `mdmrl run` also evaluates the base model before "
+        "training (label 'reference'), e.g. the guided schedule the base model is usually "
+        "sampled with when the trained recipe samples without guidance",
+    )
 
 
 @dataclass
@@ -231,6 +237,9 @@ def _part_specs(raw: dict) -> list[tuple[str, str, Any, Any]]:
         t = get(prompts, sub)
         if t is not None:
             specs.append((f"prompts.{sub}", "prompts", get(t, "name"), get(t, "options")))
+    ref = get(raw.get("eval"), "reference")
+    if ref is not None:
+        specs.append(("eval.reference", "schedule", get(ref, "name"), get(ref, "options")))
     rewards = raw.get("rewards")
     if isinstance(rewards, list):
         for i, r in enumerate(rewards):
@@ -282,6 +291,13 @@ def validate(raw: dict, source: str = "<memory>") -> LoadedRecipe:
             reg = registry.get(kind, name)
         except PluginLookupError as exc:
             problems.append(f"{path}.name: {exc}")
+            continue
+        if path == "eval.reference" and (
+            getattr(reg.cls, "stochastic", False) or getattr(reg.cls, "needs_features", False)
+        ):
+            problems.append(
+                f"eval.reference.name: {name!r} is a learned schedule; the reference must be a fixed one"
+            )
             continue
         if table is not None and not isinstance(table, dict):
             continue  # reported by the schema above
@@ -359,6 +375,8 @@ def resolved_dict(loaded: LoadedRecipe) -> dict:
             data["rewards"][int(path[8:-1])]["options"] = od
         elif path.startswith("prompts."):
             data["prompts"][path.split(".")[1]]["options"] = od
+        elif path == "eval.reference":
+            data["eval"]["reference"]["options"] = od
         else:
             data[path]["options"] = od
     return data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ import torch
 from mdmrl import checkpoint as ckpt
 from mdmrl import recipe as rc
 from mdmrl import rundir
-from mdmrl.build import Parts, build_parts, resolve_device
+from mdmrl.build import Parts, build_part, build_parts, resolve_device
 from mdmrl.distributed import Dist, setup
 from mdmrl.engine import Trainer
 from mdmrl.errors import UserError
 from mdmrl.evaluate import evaluate, format_table
+from mdmrl.interfaces import BuildContext
 from mdmrl.trajectory import ACTION_FIELDS
 
 
@@ -82,18 +84,35 @@ def schedule_actions(parts: Parts, steps: int) -> dict[str, list[float]]:
     return {name: acts[:, i].tolist() for i, name in enumerate(ACTION_FIELDS)}
 
 
-def summary(before: dict, after: dict) -> str:
+def summary(before: dict, after: dict, reference: dict | None = None, reference_name: str = "") -> str:
+    """The held-out tables (base, reference when given, trained) and overall gains."""
+    reference = reference or {}
     lines = []
     for t in after:
         lines.append(f"\n### Held-out evaluation at {t} steps\n")
-        lines.append(
-            format_table({"base": before[t], "trained": after[t]} if t in before else {"trained": after[t]})
-        )
+        cols = {"base": before.get(t), "reference": reference.get(t), "trained": after[t]}
+        lines.append(format_table({k: v for k, v in cols.items() if v is not None}))
+        a = after[t]["metrics"]["total"]["overall"]["mean"]
         if t in before:
             b = before[t]["metrics"]["total"]["overall"]["mean"]
-            a = after[t]["metrics"]["total"]["overall"]["mean"]
             lines.append(f"\nOverall total reward: base {b:.4f} -> trained {a:.4f} (gain {a - b:+.4f})")
+        if t in reference:
+            r = reference[t]["metrics"]["total"]["overall"]["mean"]
+            lines.append(
+                f"Overall total reward: base under the reference schedule ({reference_name}) "
+                f"{r:.4f} -> trained {a:.4f} (gain {a - r:+.4f})"
+            )
     return "\n".join(lines) + "\n"
+
+
+def run_reference_eval(parts: Parts, loaded: rc.LoadedRecipe, eval_dir: Path, device: torch.device) -> None:
+    """Evaluate the base model under the recipe's fixed ``eval.reference`` schedule."""
+    spec = loaded.recipe.eval.reference
+    ctx = BuildContext(device=device, backbone=parts.backbone, recipe_dir=loaded.directory)
+    ref = build_part(loaded, "eval.reference", "schedule", spec.name, ctx)
+    run_eval(
+        dataclasses.replace(parts, schedule=ref), loaded, "reference", eval_dir, loaded.recipe.eval.steps
+    )
 
 
 def load_eval(out_dir: Path, label: str) -> dict:
@@ -150,11 +169,14 @@ def run(
     eval_dir = rd / "eval"
     if dist.is_main and e.before and not load_eval(eval_dir, "base"):
         run_eval(parts, loaded, "base", eval_dir, e.steps)
+    if dist.is_main and e.before and e.reference is not None and not load_eval(eval_dir, "reference"):
+        run_reference_eval(parts, loaded, eval_dir, device)
     status = _train_with_progress(trainer, progress and dist.is_main)
     if dist.is_main and status == "done":
         if e.after:
             after = run_eval(parts, loaded, "trained", eval_dir, e.steps)
-            text = summary(load_eval(eval_dir, "base"), after)
+            ref_name = e.reference.name if e.reference is not None else ""
+            text = summary(load_eval(eval_dir, "base"), after, load_eval(eval_dir, "reference"), ref_name)
             (eval_dir / "summary.md").write_text(text)
             print(text)
         from mdmrl.report import report

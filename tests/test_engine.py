@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -102,3 +103,37 @@ def test_existing_run_dir_is_refused_without_overwrite(toy_registry, toy_recipe,
     with pytest.raises(UserError, match="already exists"):
         run(str(toy_recipe), str(rd), [], progress=False)
     assert (rd / "keep.txt").read_text() == "precious"
+
+
+def test_reference_schedule_is_evaluated_and_reported(toy_registry, toy_recipe, tmp_path, capsys):
+    """[eval.reference] evaluates the base model under a second, fixed schedule and
+    the summary reports the trained policy's gain over it as well."""
+    from mdmrl.recipe import load
+
+    text = toy_recipe.read_text().replace(
+        'name = "toy-learned"\n', 'name = "toy-learned"\noptions = { init_bias = 2.0 }\n'
+    )
+    toy_recipe.write_text(text + '[eval.reference]\nname = "toy-cosine"\n')
+    rd = run(str(toy_recipe), str(tmp_path / "run"), [], progress=False)
+    ref = json.loads((rd / "eval" / "reference@3.json").read_text())
+    base = json.loads((rd / "eval" / "base@3.json").read_text())
+    # the reference ran the fixed cosine schedule, the base the (shifted) learned one
+    cosine = [math.cos((t + 1) / 3 * math.pi / 2) for t in range(3)]
+    assert ref["actions"]["remask_ratio"] == pytest.approx(cosine, abs=1e-6)
+    assert base["actions"]["remask_ratio"][0] > cosine[0] + 0.05
+    summary = (rd / "eval" / "summary.md").read_text()
+    assert "reference total" in summary.splitlines()[3]  # the table header has the column
+    assert "base under the reference schedule (toy-cosine)" in summary
+    assert load(rd / "recipe.toml").recipe.eval.reference.name == "toy-cosine"  # resumable
+
+
+def test_reference_schedule_must_be_fixed(toy_registry, toy_recipe):
+    from mdmrl.errors import ConfigError
+    from mdmrl.recipe import load
+
+    toy_recipe.write_text(toy_recipe.read_text() + '[eval.reference]\nname = "toy-learned"\n')
+    with pytest.raises(ConfigError, match="eval.reference.name: 'toy-learned' is a learned schedule"):
+        load(toy_recipe)
+    toy_recipe.write_text(toy_recipe.read_text().replace('"toy-learned"\n', '"nope"\n'))
+    with pytest.raises(ConfigError, match="eval.reference.name"):
+        load(toy_recipe)
