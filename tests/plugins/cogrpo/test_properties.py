@@ -223,7 +223,10 @@ def test_c_on_policy_ratios_are_one_and_the_loss_is_the_policy_gradient(setup, a
             assert g is not None
             assert torch.equal(g, p.grad)
     trained = list(backbone.parameters()) if phase != "schedule" else list(schedule.parameters())
-    assert any(p.grad is not None and bool(p.grad.any()) for p in trained)
+    # unless every drawn token had probability 1.0 in float32 (a saturated softmax, e.g.
+    # s = 9 on a 3-token codebook: grad log pi = onehot - p then underflows to 0 or nearly)
+    if phase != "model" or bool((traj.model_log_probs < 0).any()):
+        assert any(p.grad is not None and bool(p.grad.any()) for p in trained)
 
 
 # ----------------------------------------------------------------------------- (e)
