@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{exc.source}: {len(exc.problems)} problems:\n  " + "\n  ".join(exc.problems)
         print(f"mdmrl: error: {msg}", file=sys.stderr)
         return exc.exit_code
+    finally:
+        if "torch.distributed" in sys.modules:  # only a command that used torch can hold a group
+            from mdmrl.distributed import shutdown
+
+            shutdown()
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:

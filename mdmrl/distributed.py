@@ -77,3 +77,11 @@ def setup() -> Dist:
     return Dist(
         rank=td.get_rank(), world_size=td.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0))
     )
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one. Exiting with a live gloo
+    group can abort the interpreter at shutdown ("terminate called without an active
+    exception"), which fails a run that had finished."""
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()

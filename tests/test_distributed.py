@@ -75,3 +75,17 @@ def test_two_processes_match_one(tmp_path):
         assert a["adv_abs_mean"] == b["adv_abs_mean"]
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_shutdown_leaves_the_process_group(tmp_path):
+    """The CLI leaves its process group before exiting (a live gloo group can abort the
+    interpreter at exit); without a group, shutdown does nothing."""
+    import torch.distributed as td
+
+    from mdmrl.distributed import shutdown
+
+    shutdown()  # no group: a no-op
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert td.is_initialized()
+    shutdown()
+    assert not td.is_initialized()
