@@ -119,3 +119,16 @@ def test_scaling_quick(tmp_path):
         assert set(sweep["slopes"]) == {"rollout", "train"}
         png = Path(sweep["figure"])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_guidance_quick(tmp_path):
+    data = _run("guidance", tmp_path)
+    (point,) = data["results"]["points"]
+    assert point["steps"] == 4 and data["results"]["batch"] == 4
+    for kind in ("guided", "guidance-free"):
+        assert point[kind]["images_per_s"] > 0
+        assert point[kind]["rollout"]["repeats"] == 1
+    assert point["rollout_ratio"] == pytest.approx(
+        point["guided"]["rollout"]["median_s"] / point["guidance-free"]["rollout"]["median_s"]
+    )
+    assert list(data["targets"]) == ["T=4: guided / guidance-free rollout time (half the forward rows)"]
