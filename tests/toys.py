@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mdmrl.interfaces import Backbone, BuildContext
-from mdmrl.trajectory import BackboneOutput, Conditioning
+from mdmrl.interfaces import Backbone, BuildContext, SchedulePolicy
+from mdmrl.trajectory import NUM_ACTIONS, BackboneOutput, Conditioning
 
 
 @dataclass
@@ -73,3 +73,52 @@ class TinyBackbone(Backbone):
         h, w = self.grid_shape
         grey = tokens.float().view(b, 1, h, w) / max(self.codebook_size - 1, 1)
         return grey.expand(b, 3, h, w).contiguous()
+
+
+class Scripted(SchedulePolicy):
+    """A fixed schedule whose action at step t of T is ``fn(t, T)``, K numbers, the same
+    for every row."""
+
+    name = "scripted"
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def act(self, step, num_steps, batch_size, features, generator, deterministic=False):
+        a = (
+            torch.tensor(self.fn(step, num_steps), dtype=torch.float32)
+            .expand(batch_size, NUM_ACTIONS)
+            .clone()
+        )
+        return a, a.clone(), torch.zeros(batch_size)
+
+    def log_prob(self, step, num_steps, features, raw_actions):
+        return torch.zeros(raw_actions.shape[0])
+
+
+class FixedLogits(Backbone):
+    """Hand-made backbone: the same logits whatever the tokens; ``cond`` [N, V] for
+    real prompts and ``uncond`` [N, V] for the empty one (hidden 1 vs 0)."""
+
+    name = "fixed-logits"
+
+    def __init__(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, grid=None):
+        super().__init__()
+        n, v = cond.shape
+        self.codebook_size, self.mask_token_id = v, v
+        self.grid_shape = grid or (1, n)
+        self.feature_dim = 2
+        self.register_buffer("c", cond.float())
+        self.register_buffer("u", (cond if uncond is None else uncond).float())
+
+    def encode_prompts(self, prompts):
+        return Conditioning(hidden=torch.tensor([[[1.0 if p else 0.0]] for p in prompts]))
+
+    def forward(self, tokens, cond, timestep):
+        is_cond = cond.hidden[:, 0, 0] > 0
+        logits = torch.where(is_cond[:, None, None], self.c, self.u)
+        return BackboneOutput(logits=logits, features=torch.zeros(*tokens.shape, 2))
+
+    def decode(self, tokens):
+        return tokens.float()[:, None, None].expand(-1, 3, 1, -1)

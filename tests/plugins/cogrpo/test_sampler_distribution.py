@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toys import FixedLogits, Scripted
 
-from mdmrl.interfaces import Backbone, SchedulePolicy
-from mdmrl.trajectory import NUM_ACTIONS, BackboneOutput, Conditioning
 from mdmrl_plugins.cogrpo.sampler import (
     DENSE_MAX_CODEBOOK,
     ConfidenceOptions,
@@ -132,55 +131,11 @@ def test_a_near_one_hot_row_draws_its_mode():
 # --------------------------------------------------------------------------- through the sampler
 
 
-class FixedLogits(Backbone):
-    """Logits that ignore the tokens: ``cond`` [N, V] for prompts, ``uncond`` [N, V]
-    for the empty prompt."""
-
-    name = "fixed-logits"
-
-    def __init__(self, cond: torch.Tensor, uncond: torch.Tensor, side: int):
-        super().__init__()
-        n, v = cond.shape
-        self.codebook_size, self.mask_token_id = v, v
-        self.grid_shape = (side, n // side)
-        self.feature_dim = 1
-        self.register_buffer("c", cond.float())
-        self.register_buffer("u", uncond.float())
-
-    def encode_prompts(self, prompts):
-        return Conditioning(hidden=torch.tensor([[[1.0 if p else 0.0]] for p in prompts]))
-
-    def forward(self, tokens, cond, timestep):
-        is_cond = cond.hidden[:, 0, 0] > 0
-        logits = torch.where(is_cond[:, None, None], self.c, self.u)
-        return BackboneOutput(logits=logits, features=torch.zeros(*tokens.shape, 1))
-
-    def decode(self, tokens):
-        return tokens.float()[:, None, None].expand(-1, 3, 1, -1)
-
-
-class Fixed(SchedulePolicy):
-    """The same action (tau_s, r, tau_r, s) at every step."""
-
-    name = "fixed-action"
-
-    def __init__(self, action):
-        super().__init__()
-        self.action = action
-
-    def act(self, step, num_steps, batch_size, features, generator, deterministic=False):
-        a = torch.tensor(self.action, dtype=torch.float32).expand(batch_size, NUM_ACTIONS).clone()
-        return a, a.clone(), torch.zeros(batch_size)
-
-    def log_prob(self, step, num_steps, features, raw_actions):
-        return torch.zeros(raw_actions.shape[0])
-
-
 def fixed_backbone(v: int, n: int = 64, seed: int = 0) -> tuple[FixedLogits, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     c = (torch.randn(v, generator=g) * 1.5).expand(n, v).clone()
     u = (torch.randn(v, generator=g) * 1.5).expand(n, v).clone()
-    return FixedLogits(c, u, side=8), c[0], u[0]
+    return FixedLogits(c, u, grid=(8, n // 8)), c[0], u[0]
 
 
 @pytest.mark.parametrize("v", [DENSE_MAX_CODEBOOK // 8, 512])  # every position / the masked rows only
@@ -188,7 +143,7 @@ def test_per_sample_tokens_follow_the_guided_tempered_distribution(v):
     bb, c, u = fixed_backbone(v)
     tau, s = 0.8, 2.5
     sampler = ConfidenceSampler(ConfidenceOptions(rng="per_sample"))
-    sched = Fixed([tau, 0.0, 1.0, s])  # one step decodes every position
+    sched = Scripted(lambda t, T: [tau, 0.0, 1.0, s])  # one step decodes every position
     counts = torch.zeros(v, dtype=torch.long)
     for k in range(25):
         traj = sampler.sample(bb, sched, ["p"] * 64, 1, torch.arange(64) + 64 * k)
@@ -205,7 +160,7 @@ def test_per_sample_and_shared_trajectories_have_one_distribution(v):
     the per_sample draws and the shared ones (torch.multinomial, as aMUSEd draws) give
     the same distribution: of the final tokens, and of the tokens kept at step 0."""
     bb, _, _ = fixed_backbone(v, seed=1)
-    sched = Fixed([1.0, 0.5, 1.0, 1.5])
+    sched = Scripted(lambda t, T: [1.0, 0.5, 1.0, 1.5])
     hist = {}
     for rng in ("per_sample", "shared"):
         sampler = ConfidenceSampler(ConfidenceOptions(rng=rng))
