@@ -31,11 +31,23 @@ def toy_recipe(tmp_path):
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
-    """Tiny test models run fastest on one thread, and the suite must not fight
-    itself (or other work) for the machine's cores."""
+    """Tiny test models run fastest on one thread (many times faster than two threads
+    spin-waiting on a busy machine), and the suite must not fight itself (or other
+    work) for the machine's cores."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _back_to_one_thread():
+    """Code under test may set torch's thread count (benchmark scripts' --threads, the
+    pretraining's threads option); the next test starts on one thread again."""
+    import torch
+
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL = re.compile(r"^-?\d+\.\d+ ± \d+\.\d+$")
@@ -52,14 +51,6 @@ def section(secs: dict[str, str], prefix: str) -> str:
     hits = [body for title, body in secs.items() if title.startswith(prefix)]
     assert len(hits) == 1, (prefix, list(secs))
     return hits[0]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """The scripts set torch's thread count (``--threads``); put it back afterwards."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

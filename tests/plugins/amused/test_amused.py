@@ -23,14 +23,6 @@ PROMPTS = ["a red cat on a mat", "two dogs"]
 CODEBOOK, VOCAB, SIDE = 16, 18, 8  # mask id = VOCAB - 1 = 17; 8 x 8 = 64 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """The real CLIP BPE tokenizer, built offline from the vocabulary open_clip ships."""

@@ -14,14 +14,6 @@ from mdmrl_plugins.cogrpo.sampler import ConfidenceOptions, ConfidenceSampler
 from mdmrl_plugins.cogrpo.schedules import AmusedSchedule, AmusedScheduleOptions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def parts(tokenizer):  # noqa: F811
     return (*tiny_modules(), tokenizer)

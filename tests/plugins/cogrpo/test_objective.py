@@ -24,16 +24,6 @@ from mdmrl_plugins.cogrpo.objective import (
     ratio_schedule,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread start-up and contention costs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["red big", "red big", "blue small", "blue small"]
 
 

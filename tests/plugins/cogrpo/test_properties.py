@@ -27,15 +27,6 @@ from mdmrl_plugins.cogrpo.sampler import ConfidenceSampler
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread start-up and contention costs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------- end to end
 
 FIXED = ["meissonic", "meissonic-table1", "cosine-gamma", "constant"]

@@ -28,15 +28,6 @@ from mdmrl_plugins.cogrpo.schedules import FIXED_SCHEDULES, MeissonicSchedule
 MODES = ["per_sample", "shared"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread start-up and contention costs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(h=3, w=4, v=5, dim=8, seed=0):
     return TinyBackbone(TinyOptions(codebook_size=v, height=h, width=w, dim=dim, seed=seed))
 

@@ -26,14 +26,6 @@ from mdmrl_plugins.cogrpo.sampler import (
 ALPHA = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def chi2_sf(stat: float, dof: int) -> float:
     """P(X >= stat) for X ~ chi-square(dof): the regularised upper incomplete gamma."""
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))

@@ -32,15 +32,6 @@ from mdmrl_plugins.maskgrpo.objective import (
 PROMPTS = ["red square", "blue circle", "a green thing", "red circle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Guided(SchedulePolicy):
     """Fixed schedule whose temperature and CFG scale change over the steps."""
 

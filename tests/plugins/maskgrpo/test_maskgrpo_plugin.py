@@ -44,15 +44,6 @@ tensorboard = false
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def registry(toy_registry):
     from mdmrl_plugins.maskgrpo import plugin

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from meissonic_tiny import (
     TINY_RESOLUTION,
     tiny_text_encoder,
@@ -11,16 +10,6 @@ from meissonic_tiny import (
     tiny_vqvae,
     write_clip_tokenizer_files,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~20x faster on one thread than with OpenMP spinning on a busy
-    machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

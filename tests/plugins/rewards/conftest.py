@@ -38,16 +38,6 @@ def offline_hub(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run in milliseconds on one thread; on a busy machine two threads
-    spin-wait for each other and take hundreds of times longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _make_images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """float32 [b, 3, h, w] in [0, 1] on the 8-bit grid (k / 255), so a PIL round trip
     is exact."""
