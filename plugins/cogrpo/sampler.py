@@ -310,19 +310,18 @@ def lowest_confidence_mask(
 
 
 def cfg_forward(
-    backbone: Backbone, tokens: torch.Tensor, pair: Conditioning, cond: Conditioning | None = None
+    backbone: Backbone, tokens: torch.Tensor, cond: Conditioning, pair: Conditioning | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward of batch 2B for classifier-free guidance.
+    """One forward of batch 2B for classifier-free guidance, or of batch B for a
+    guidance-free step.
 
-    tokens: long [B, N]; pair: ``Conditioning.cat([uncond, cond])`` (batch 2B, the
-    unconditional half first, as aMUSEd's and Meissonic's pipelines order it).
-    Returns (cond logits float32 [B, N, V], uncond logits float32 [B, N, V], cond
-    features [B, N, D]).
-
-    With ``cond`` (batch B) given, the step is guidance-free: one forward of batch B
-    on the conditional rows, and the same tensor is returned as both logits (then
-    u + s (c - u) with s = 1 is c exactly)."""
-    if cond is not None:
+    tokens: long [B, N]; cond: batch B; pair: ``Conditioning.cat([uncond, cond])``
+    (batch 2B, the unconditional half first, as aMUSEd's and Meissonic's pipelines
+    order it), or None for a guidance-free step: one forward of the B conditional
+    rows, whose logits are returned as both (then u + s (c - u) with s = 1 is c
+    exactly). Returns (cond logits float32 [B, N, V], uncond logits float32 [B, N, V],
+    cond features [B, N, D])."""
+    if pair is None:
         out = backbone(tokens, cond, masked_fraction(tokens, backbone.mask_token_id))
         logits = out.logits.float()
         return logits, logits, out.features
@@ -520,7 +519,7 @@ class ConfidenceSampler(Sampler):
                 last = t == steps - 1
                 masked = tokens == mask
                 free = schedule.guidance_free(t, steps)
-                c_logits, u_logits, feats = cfg_forward(backbone, tokens, pair, cond if free else None)
+                c_logits, u_logits, feats = cfg_forward(backbone, tokens, cond, None if free else pair)
                 feats_in = feats if schedule.needs_features else None
                 act, raw, slp = self._act(
                     schedule, t, steps, b, feats_in, gens, deterministic_schedule, device
@@ -528,7 +527,7 @@ class ConfidenceSampler(Sampler):
                 if not free and is_guidance_free(act):
                     # the replay reads s = 1 from the actions and runs the B-row forward:
                     # draw from that same forward so that it reproduces this step exactly
-                    c_logits, u_logits, _ = cfg_forward(backbone, tokens, pair, cond)
+                    c_logits, u_logits, _ = cfg_forward(backbone, tokens, cond, None)
 
                 # Eq. 2: a token for every masked position (known positions keep theirs)
                 if shared:
@@ -591,7 +590,7 @@ class ConfidenceSampler(Sampler):
         nxt = traj.tokens[:, step + 1].to(device)
         fill = traj.filled[:, step].to(device)
         act = traj.actions[:, step].to(device=device, dtype=torch.float32)
-        free = cond if is_guidance_free(act) else None
-        c_logits, u_logits, feats = cfg_forward(backbone, tokens, Conditioning.cat([uncond, cond]), free)
+        pair = None if is_guidance_free(act) else Conditioning.cat([uncond, cond])
+        c_logits, u_logits, feats = cfg_forward(backbone, tokens, cond, pair)
         lp = step_log_prob(c_logits, u_logits, act, nxt, fill)
         return StepReplay(model_log_prob=lp, features=feats.detach())

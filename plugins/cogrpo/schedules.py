@@ -31,7 +31,7 @@ import torch
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import BuildContext, SchedulePolicy
-from mdmrl.trajectory import NUM_ACTIONS
+from mdmrl.trajectory import NUM_ACTIONS, is_guidance_free
 
 REMASK_SCHEDULES = ("linear", "exponential", "constant")
 
@@ -105,13 +105,17 @@ class FixedSchedule(SchedulePolicy):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fixed action for every row: (actions float32 [B, K], raw = actions,
         log_prob zeros [B]). Features and generator are not used; no noise is drawn."""
+        actions = self._row(step, num_steps).expand(batch_size, NUM_ACTIONS).clone()
+        return actions, actions.clone(), torch.zeros(batch_size, dtype=torch.float32)
+
+    def _row(self, step: int, num_steps: int) -> torch.Tensor:
+        """The action of step ``step``, float32 [1, K], computed once per (step, T, options)."""
         _check_step(step, num_steps)
         key = (step, num_steps, repr(self.options))
         a = self._table.get(key)
         if a is None:
             a = self._table[key] = self.components(step, num_steps).to(torch.float32).reshape(1, NUM_ACTIONS)
-        actions = a.expand(batch_size, NUM_ACTIONS).clone()
-        return actions, actions.clone(), torch.zeros(batch_size, dtype=torch.float32)
+        return a
 
     def log_prob(
         self, step: int, num_steps: int, features: torch.Tensor | None, raw_actions: torch.Tensor
@@ -121,8 +125,7 @@ class FixedSchedule(SchedulePolicy):
 
     def guidance_free(self, step: int, num_steps: int) -> bool:
         """True when this step's CFG scale is exactly 1 (no guidance)."""
-        _check_step(step, num_steps)
-        return bool(self.components(step, num_steps)[3] == 1.0)
+        return is_guidance_free(self._row(step, num_steps))
 
 
 def _action(tau_s, r, tau_r, s) -> torch.Tensor:
