@@ -210,16 +210,26 @@ def step_log_prob(
     long [B, N] (V^(t+1), may hold the mask id outside ``filled``); filled: bool [B, N]."""
     b, n, v = cond_logits.shape
     if v <= DENSE_MAX_CODEBOOK:
-        z = guided_rows(cond_logits, uncond_logits, actions)  # [B N, V]
-        token = torch.where(filled, next_tokens, 0).reshape(-1, 1)
-        picked = z.log_softmax(dim=-1).gather(-1, token).view(b, n)
-        return torch.where(filled, picked, 0.0).sum(-1)
+        log_probs = guided_rows(cond_logits, uncond_logits, actions).log_softmax(dim=-1)  # [B N, V]
+        return dense_log_prob(log_probs, next_tokens, filled)
     index = filled.reshape(-1).nonzero().squeeze(1)  # [F]
     z = guided_rows(cond_logits, uncond_logits, actions, index)  # [F, V]
     token = next_tokens.reshape(-1).index_select(0, index)[:, None]
     picked = z.log_softmax(dim=-1).gather(-1, token).squeeze(-1)  # [F]
     per_position = torch.zeros(filled.shape, dtype=picked.dtype, device=picked.device)
     return per_position.masked_scatter(filled, picked).sum(-1)
+
+
+def dense_log_prob(log_probs: torch.Tensor, next_tokens: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """The dense branch of :func:`step_log_prob` from the guided log-probs of every
+    position, float32 [B N, V] (``guided_rows(...).log_softmax(-1)``): the sum over
+    I_t^fill of the filled token's entry, float32 [B]. The sampler computes those
+    log-probs once per step for both its draw and this value.
+
+    next_tokens: long [B, N]; filled: bool [B, N]."""
+    token = torch.where(filled, next_tokens, 0).reshape(-1, 1)
+    picked = log_probs.gather(-1, token).view(filled.shape)
+    return torch.where(filled, picked, 0.0).sum(-1)
 
 
 def _block_size(v: int) -> int:
@@ -439,28 +449,30 @@ class ConfidenceSampler(Sampler):
         actions: torch.Tensor,
         tokens: torch.Tensor,
         masked: torch.Tensor,
-        noise: torch.Tensor,
-        last: bool,
+        uniforms: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``per_sample``: the step's uniforms ``noise`` [B, 2, N] (drawn from each
-        row's generator at the start of the trajectory): each masked position takes its
-        token by :func:`inverse_cdf_sample_` with its uniform of noise[:, 0] (only the M
-        masked rows [M, V] are computed); noise[:, 1] becomes the re-mask Gumbel noise.
-        Same returns as :meth:`_draw_shared` (confidence base: log p(token), 0 at known
-        positions)."""
-        gumbel = None if last else gumbel_from_uniform_(noise[:, 1].contiguous())
+        """``per_sample``: each masked position takes its token by
+        :func:`inverse_cdf_sample_` with its uniform of ``uniforms`` [B, N] (row 0 of
+        the step's draw, made from each row's generator at the start of the
+        trajectory); only the M masked rows [M, V] are computed. Returns (V^(t) with
+        the masked positions filled long [B, N], confidence base log p(token) float32
+        [B, N] (0 at known positions), and, for a codebook of at most
+        DENSE_MAX_CODEBOOK, the guided log-probs of every position float32 [B N, V]
+        that :func:`dense_log_prob` reads, else None)."""
         if cond_logits.shape[-1] <= DENSE_MAX_CODEBOOK:  # every position, known ones discarded
             z = guided_rows(cond_logits, uncond_logits, actions)  # [B N, V]
-            sampled, log_p = inverse_cdf_sample_(z, noise[:, 0].reshape(-1))
-            return torch.where(masked, sampled.view(tokens.shape), tokens), log_p.view(tokens.shape), gumbel
+            log_probs = z.log_softmax(dim=-1)  # before the draw overwrites z
+            sampled, log_p = inverse_cdf_sample_(z, uniforms.reshape(-1))
+            candidate = torch.where(masked, sampled.view(tokens.shape), tokens)
+            return candidate, log_p.view(tokens.shape), log_probs
         index = masked.reshape(-1).nonzero().squeeze(1)  # [M] flat masked positions
         z = guided_rows(cond_logits, uncond_logits, actions, index)  # [M, V]
-        sampled, log_p = inverse_cdf_sample_(z, noise[:, 0].masked_select(masked))
+        sampled, log_p = inverse_cdf_sample_(z, uniforms.masked_select(masked))
         candidate = tokens.masked_scatter(masked, sampled)
         base = torch.zeros(tokens.shape, dtype=log_p.dtype, device=log_p.device).masked_scatter_(
             masked, log_p
         )
-        return candidate, base, gumbel
+        return candidate, base, None
 
     # ------------------------------------------------------------------ interface
 
@@ -512,6 +524,8 @@ class ConfidenceSampler(Sampler):
                 noise = torch.empty(b, steps, 2, n, device=device)
                 for i, g in enumerate(gens):
                     noise[i].uniform_(0, 1, generator=g)
+                # every step's re-mask Gumbel noise in one pass (the last step's is unused)
+                remask_gumbel = gumbel_from_uniform_(noise[:, :, 1].contiguous())  # [B, T, N]
             remask_noise = torch.empty(b, n, device=device)  # shared draws
             positions = torch.arange(n, device=device).expand(b, n).contiguous()
 
@@ -530,14 +544,16 @@ class ConfidenceSampler(Sampler):
                     c_logits, u_logits, _ = cfg_forward(backbone, tokens, cond, None)
 
                 # Eq. 2: a token for every masked position (known positions keep theirs)
+                log_probs = None
                 if shared:
                     candidate, log_p, gumbel = self._draw_shared(
                         c_logits, u_logits, act, tokens, masked, remask_noise, gens[0], last
                     )
                 else:
-                    candidate, log_p, gumbel = self._draw_per_sample(
-                        c_logits, u_logits, act, tokens, masked, noise[:, t], last
+                    candidate, log_p, log_probs = self._draw_per_sample(
+                        c_logits, u_logits, act, tokens, masked, noise[:, t, 0]
                     )
+                    gumbel = remask_gumbel[:, t]
 
                 # Eq. 3-5: re-mask the lowest-confidence new tokens (none at the last step)
                 if last:
@@ -551,7 +567,10 @@ class ConfidenceSampler(Sampler):
                     nxt = candidate.masked_fill(remask, mask)
                     fill = masked ^ remask  # remask only selects masked positions (known ones are +inf)
 
-                lp = step_log_prob(c_logits, u_logits, act, nxt, fill)
+                if log_probs is None:
+                    lp = step_log_prob(c_logits, u_logits, act, nxt, fill)
+                else:  # step_log_prob's dense branch on the log-probs the draw computed
+                    lp = dense_log_prob(log_probs, nxt, fill)
                 for key, value in zip(record, (nxt, fill, act, raw, lp, slp)):
                     record[key].append(value)
                 tokens = nxt
