@@ -250,18 +250,15 @@ def inverse_cdf_sample_(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[t
     total), the token is the first i with S_i > x, x = max(u, 2^-25) S_V < S_V, so
     P(i) = e_i / S_V = softmax(logits)_i up to float32 rounding of S (2^-24 of the
     total), and an entry with e_i = 0 is never chosen. logits - max is floored at
-    EXP_FLOOR first when a row reaches it. For V >= 256 the search runs in two levels
+    EXP_FLOOR first. For V >= 256 the search runs in two levels
     (blocks of about sqrt(V) entries: the block by the running sum of the block sums,
     then the entry inside it), which replaces the sequential running sum over V by a
     vectorised block sum. Returns tokens long [M] and log p(token) = log e_token -
     log S_V, float32 [M]."""
     m, v = logits.shape
     top = logits.amax(dim=-1, keepdim=True)  # [M, 1]
-    floor = m > 0 and bool(logits.amin() - top.amax() < EXP_FLOOR)  # some row may reach the floor
-    e = logits.sub_(top)
-    if floor:
-        e.clamp_min_(EXP_FLOOR)
-    e = e.exp_()  # [M, V], max entry 1
+    # the floor changes no entry above it: one pass, no test of whether a row reaches it
+    e = logits.sub_(top).clamp_min_(EXP_FLOOR).exp_()  # [M, V], max entry 1
     k = _block_size(v)
     cdf = e.view(m, v // k, k).sum(-1).cumsum_(dim=-1) if k < v else e.cumsum(dim=-1)  # [M, V / k]
     total = cdf[:, -1:]
