@@ -42,6 +42,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from mdmrl.hostmem import keep_freed_memory  # noqa: E402
+
+# as ``mdmrl`` runs: freed tensor memory stays in the process (mdmrl/hostmem.py);
+# MDMRL_KEEP_FREED_MEMORY=0 measures glibc's defaults (benchmarks/allocator.py compares)
+MALLOC = keep_freed_memory()
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -186,6 +192,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "keep_freed_memory": MALLOC,
         "cpu_count": os.cpu_count(),
         "load_average_start": load_average(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
@@ -200,7 +207,7 @@ def load_note() -> str:
 
 def header(title: str, device: torch.device) -> None:
     print(f"== {title}")
-    print(f"   device: {device_label(device)}; torch {torch.__version__}; {load_note()}")
+    print(f"   device: {device_label(device)}; torch {torch.__version__}; {load_note()}; keep_freed_memory: {MALLOC}")
 
 
 def finish(args: argparse.Namespace, env: dict[str, Any], results: dict[str, Any], targets: dict) -> dict:

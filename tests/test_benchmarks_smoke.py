@@ -132,3 +132,14 @@ def test_guidance_quick(tmp_path):
         point["guided"]["rollout"]["median_s"] / point["guidance-free"]["rollout"]["median_s"]
     )
     assert list(data["targets"]) == ["T=4: guided / guidance-free rollout time (half the forward rows)"]
+
+
+def test_allocator_quick(tmp_path, capsys):
+    data = _run("allocator", tmp_path, "--models", "shapes-mdm")
+    r = data["results"]["shapes-mdm"]
+    # each setting ran in its own child process, and the children applied it or not
+    assert {rec["malloc"] for rec in r["runs"]["kept"]} == {"set"}
+    assert {rec["malloc"] for rec in r["runs"]["default"]} == {"disabled"}
+    for key in ("rollout_s", "floor_s"):
+        assert r["speedup"][key] == pytest.approx(r["median"]["default"][key] / r["median"]["kept"][key])
+    assert "default / kept" in capsys.readouterr().out
