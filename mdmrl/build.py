@@ -40,8 +40,26 @@ def build_part(loaded: LoadedRecipe, path: str, kind: str, name: str, ctx: Build
     return part
 
 
+def parts_seed(seed: int) -> int:
+    """The seed of torch's global generator while the parts of a recipe with ``seed``
+    are built (distinct from the engine's streams, mdmrl.engine.stream_seed)."""
+    return (seed * 1_000_003 + 104_729) % (2**63 - 1)
+
+
 def build_parts(loaded: LoadedRecipe, device: torch.device | None = None) -> Parts:
-    """Construct every part of a validated recipe (weights are loaded here)."""
+    """Construct every part of a validated recipe (weights are loaded here).
+
+    Parts that initialise weights at random (a learned schedule's network, a backbone
+    built from a config) draw from torch's global generator, which is seeded with
+    :func:`parts_seed` of the recipe's seed for the duration, in a forked state: the
+    same recipe builds the same parts in every process, and the caller's generator is
+    left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(parts_seed(loaded.recipe.seed))
+        return _build_parts(loaded, device)
+
+
+def _build_parts(loaded: LoadedRecipe, device: torch.device | None) -> Parts:
     r = loaded.recipe
     device = device or resolve_device(r.device)
     ctx = BuildContext(device=device, backbone=None, recipe_dir=loaded.directory)
