@@ -36,7 +36,9 @@ import torch
 SETTINGS = {"default": "0", "kept": "1"}
 
 
-def child(model: str, batch: int, steps: int, repeats: int, device: torch.device, quick: bool) -> dict[str, Any]:
+def child(
+    model: str, batch: int, steps: int, repeats: int, device: torch.device, quick: bool
+) -> dict[str, Any]:
     """Time ``repeats`` rollouts and floors in this process; returns their medians."""
     from sampler_overhead import build_backbone, build_case, floor_inputs
 
@@ -72,10 +74,14 @@ def child(model: str, batch: int, steps: int, repeats: int, device: torch.device
 
 def main(argv: list[str] | None = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=None, help="B, images per rollout (default 8; 2 with --quick)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="B, images per rollout (default 8; 2 with --quick)"
+    )
     p.add_argument("--steps", type=int, default=None, help="T (default 16; 4 with --quick)")
     p.add_argument("--models", default="shapes-mdm,amused-tiny", help="comma list of shapes-mdm, amused-tiny")
-    p.add_argument("--rounds", type=int, default=None, help="child processes per setting (default 4; 1 with --quick)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="child processes per setting (default 4; 1 with --quick)"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one child: MODEL, JSON on stdout
     args = p.parse_args(argv)
     device = common.setup(args)
@@ -88,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = args.rounds or (1 if args.quick else 4)
     env = common.environment(device)
     common.header("glibc malloc defaults vs freed memory kept (mdmrl/hostmem.py), child processes", device)
-    print(f"   B={batch}, T={steps}; {rounds} alternated child processes per setting, each the median of {reps} calls")
+    print(
+        f"   B={batch}, T={steps}; {rounds} alternated child processes per setting, each the median of {reps} calls"
+    )
     results: dict[str, Any] = {}
     rows, targets = [], {}
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -116,8 +124,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _spawn(args, model: str, batch: int, steps: int, reps: int, flag: str) -> dict[str, Any]:
     """One child process with MDMRL_KEEP_FREED_MEMORY=flag; its JSON line."""
-    cmd = [sys.executable, __file__, "--child", model, "--device", args.device, "--threads", str(args.threads)]
-    cmd += ["--batch", str(batch), "--steps", str(steps), "--repeats", str(reps)] + (["--quick"] if args.quick else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        model,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
+    cmd += ["--batch", str(batch), "--steps", str(steps), "--repeats", str(reps)] + (
+        ["--quick"] if args.quick else []
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env["MDMRL_KEEP_FREED_MEMORY"] = flag
     t0 = time.perf_counter()

@@ -207,7 +207,9 @@ def load_note() -> str:
 
 def header(title: str, device: torch.device) -> None:
     print(f"== {title}")
-    print(f"   device: {device_label(device)}; torch {torch.__version__}; {load_note()}; keep_freed_memory: {MALLOC}")
+    print(
+        f"   device: {device_label(device)}; torch {torch.__version__}; {load_note()}; keep_freed_memory: {MALLOC}"
+    )
 
 
 def finish(args: argparse.Namespace, env: dict[str, Any], results: dict[str, Any], targets: dict) -> dict:

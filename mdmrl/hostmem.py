@@ -36,12 +36,27 @@ ENV = "MDMRL_KEEP_FREED_MEMORY"
 GLIBC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
+#: What the last :func:`keep_freed_memory` call did in this process (None: not called).
+_last: str | None = None
+
+
+def state() -> str | None:
+    """What :func:`keep_freed_memory` did in this process, or None when it was not
+    called (recorded in a run's environment.json)."""
+    return _last
+
+
 def keep_freed_memory(environ: dict[str, str] | None = None) -> str:
     """Apply the settings of the module docstring once per process. Returns what was
     done: "set", "disabled" (MDMRL_KEEP_FREED_MEMORY=0), "user" (a glibc tuning
     variable is set), "unsupported" (no glibc ``mallopt``) or "failed" (mallopt
     refused a value)."""
-    env = os.environ if environ is None else environ
+    global _last
+    _last = _apply(os.environ if environ is None else environ)
+    return _last
+
+
+def _apply(env) -> str:
     if env.get(ENV, "1").strip() == "0":
         return "disabled"
     if any(k in env for k in GLIBC_VARS):

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mdmrl import hostmem
 from mdmrl.errors import UserError
 
 PACKAGES = (
@@ -91,6 +92,7 @@ def environment() -> dict[str, Any]:
         "git_commit": _git_commit(),
         "argv": sys.argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "keep_freed_memory": hostmem.state(),  # mdmrl/hostmem.py: allocator setting of this process
     }
 
 

@@ -24,13 +24,13 @@ def test_no_mallopt_is_reported(monkeypatch):
 
 
 def test_refused_value_is_reported(monkeypatch):
-    monkeypatch.setattr(hostmem, "_mallopt", lambda: (lambda param, value: 0))
+    monkeypatch.setattr(hostmem, "_mallopt", lambda: lambda param, value: 0)
     assert hostmem.keep_freed_memory({}) == "failed"
 
 
 def test_passes_the_thresholds_to_mallopt(monkeypatch):
     calls = []
-    monkeypatch.setattr(hostmem, "_mallopt", lambda: (lambda param, value: calls.append((param, value)) or 1))
+    monkeypatch.setattr(hostmem, "_mallopt", lambda: lambda param, value: calls.append((param, value)) or 1)
     assert hostmem.keep_freed_memory({}) == "set"
     assert calls == [
         (hostmem.M_MMAP_THRESHOLD, hostmem.MMAP_THRESHOLD),
@@ -75,7 +75,9 @@ def test_freed_blocks_are_reused_without_page_faults():
     def probe(flag: str) -> tuple[str, int]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
         env["MDMRL_KEEP_FREED_MEMORY"] = flag
-        out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+        )
         state, faults = out.stdout.split()
         return state, int(faults)
 
@@ -95,3 +97,12 @@ def test_cli_applies_the_settings(monkeypatch, tmp_path, capsys):
     assert cli.main(["run", str(tmp_path / "missing.toml")]) != 0
     assert seen == [True]
     assert "missing.toml" in capsys.readouterr().err
+
+
+def test_the_run_environment_records_the_setting(monkeypatch):
+    from mdmrl import rundir
+
+    monkeypatch.setattr(hostmem, "_last", None)
+    assert rundir.environment()["keep_freed_memory"] is None
+    hostmem.keep_freed_memory({"MDMRL_KEEP_FREED_MEMORY": "0"})
+    assert rundir.environment()["keep_freed_memory"] == "disabled"
