@@ -32,6 +32,7 @@ from typing import Any
 
 import common
 import torch
+from sampler_overhead import add_rollout_arguments, build_backbone, build_case, floor_inputs, models_of
 
 SETTINGS = {"default": "0", "kept": "1"}
 
@@ -40,8 +41,6 @@ def child(
     model: str, batch: int, steps: int, repeats: int, device: torch.device, quick: bool
 ) -> dict[str, Any]:
     """Time ``repeats`` rollouts and floors in this process; returns their medians."""
-    from sampler_overhead import build_backbone, build_case, floor_inputs
-
     case = build_case(model, build_backbone(model, device, quick), "per_sample", batch, steps)
     bb, seeds = case["backbone"], torch.arange(batch, dtype=torch.long) + 100
 
@@ -74,11 +73,7 @@ def child(
 
 def main(argv: list[str] | None = None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0])
-    p.add_argument(
-        "--batch", type=int, default=None, help="B, images per rollout (default 8; 2 with --quick)"
-    )
-    p.add_argument("--steps", type=int, default=None, help="T (default 16; 4 with --quick)")
-    p.add_argument("--models", default="shapes-mdm,amused-tiny", help="comma list of shapes-mdm, amused-tiny")
+    add_rollout_arguments(p)
     p.add_argument(
         "--rounds", type=int, default=None, help="child processes per setting (default 4; 1 with --quick)"
     )
@@ -99,9 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results: dict[str, Any] = {}
     rows, targets = [], {}
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if model not in ("shapes-mdm", "amused-tiny"):
-            p.error(f"--models: unknown model {model!r}; choose shapes-mdm, amused-tiny")
+    for model in models_of(p, args):
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
         for _ in range(rounds):
             for name, flag in SETTINGS.items():

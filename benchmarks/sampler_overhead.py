@@ -172,13 +172,30 @@ def print_profile(name: str, p: dict[str, Any]) -> None:
     print(common.table(rows, ["sampler op", "calls", "ms", "% of wall"]))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0])
+MODELS = ("shapes-mdm", "amused-tiny")
+
+
+def add_rollout_arguments(p) -> None:
+    """--batch, --steps and --models: the rollout this script and allocator.py time."""
     p.add_argument(
         "--batch", type=int, default=None, help="B, images per rollout (default 8; 2 with --quick)"
     )
     p.add_argument("--steps", type=int, default=None, help="T (default 16; 4 with --quick)")
-    p.add_argument("--models", default="shapes-mdm,amused-tiny", help="comma list of shapes-mdm, amused-tiny")
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+
+
+def models_of(p, args) -> list[str]:
+    """The --models list; an unknown name is a one-line usage error."""
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for model in models:
+        if model not in MODELS:
+            p.error(f"--models: unknown model {model!r}; choose {', '.join(MODELS)}")
+    return models
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.base_parser(__doc__.splitlines()[0])
+    add_rollout_arguments(p)
     p.add_argument("--rng", default="per_sample,shared", help="comma list of sampler rng modes")
     p.add_argument(
         "--profile",
@@ -198,9 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     cases, profiles, targets, rows = [], {}, {}, []
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if model not in ("shapes-mdm", "amused-tiny"):
-            p.error(f"--models: unknown model {model!r}; choose shapes-mdm, amused-tiny")
+    for model in models_of(p, args):
         rngs = [r.strip() for r in args.rng.split(",") if r.strip()]
         for rng in rngs:
             if rng not in ("per_sample", "shared"):
