@@ -422,22 +422,18 @@ class ConfidenceSampler(Sampler):
         actions: torch.Tensor,
         tokens: torch.Tensor,
         masked: torch.Tensor,
-        remask_noise: torch.Tensor,
         gen: torch.Generator,
-        last: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``shared``: aMUSEd's draws (``AmusedScheduler.step``). A token at every
-        position by ``torch.multinomial`` over the [B*N, V] probabilities, then, unless
-        at the last step, [B, N] uniforms into ``remask_noise`` turned into Gumbel noise.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``shared``: aMUSEd's token draw (``AmusedScheduler.step``): a token at every
+        position by ``torch.multinomial`` over the [B*N, V] probabilities (the caller
+        then draws the re-mask uniforms from the same generator, as aMUSEd does).
         Returns (V^(t) with the masked positions filled long [B, N], confidence base
-        log(max(p(token), PROB_FLOOR)) float32 [B, N], Gumbel noise [B, N] or None)."""
+        log(max(p(token), PROB_FLOOR)) float32 [B, N])."""
         b, n = tokens.shape
         probs = guided_logits(cond_logits, uncond_logits, actions).softmax(dim=-1)  # [B, N, V]
         sampled = torch.multinomial(probs.reshape(b * n, -1), 1, generator=gen).view(b, n)
         picked = probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
-        candidate = torch.where(masked, sampled, tokens)
-        gumbel = None if last else gumbel_from_uniform_(remask_noise.uniform_(0, 1, generator=gen))
-        return candidate, torch.log(picked.clamp(PROB_FLOOR)), gumbel
+        return torch.where(masked, sampled, tokens), torch.log(picked.clamp(PROB_FLOOR))
 
     def _draw_per_sample(
         self,
@@ -541,11 +537,12 @@ class ConfidenceSampler(Sampler):
                     c_logits, u_logits, _ = cfg_forward(backbone, tokens, cond, None)
 
                 # Eq. 2: a token for every masked position (known positions keep theirs)
-                log_probs = None
+                # and the re-mask Gumbel noise (unused at the last step)
                 if shared:
-                    candidate, log_p, gumbel = self._draw_shared(
-                        c_logits, u_logits, act, tokens, masked, remask_noise, gens[0], last
-                    )
+                    candidate, log_p = self._draw_shared(c_logits, u_logits, act, tokens, masked, gens[0])
+                    log_probs = None
+                    if not last:
+                        gumbel = gumbel_from_uniform_(remask_noise.uniform_(0, 1, generator=gens[0]))
                 else:
                     candidate, log_p, log_probs = self._draw_per_sample(
                         c_logits, u_logits, act, tokens, masked, noise[:, t, 0]
