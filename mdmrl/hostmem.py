@@ -4,10 +4,10 @@ glibc's malloc serves every block above its mmap threshold (128 KiB at start, ra
 up to 32 MiB as blocks are freed) with a fresh ``mmap`` and returns it at ``free``;
 it also gives the top of the heap back to the system once 128 KiB of it is free. A
 forward pass allocates and frees many activation tensors of that size, so each one
-starts on pages the kernel must fault in again: on the 2-core benchmark machine a
-16-step rollout of the shapes MDM took about 15 000 minor page faults, and its
-forwards ran 16-40 % slower than with the settings below (benchmarks/allocator.py
-measures it side by side).
+starts on pages the kernel must fault in again. ``benchmarks/allocator.py`` measures
+it side by side: on the 2-core benchmark machine a 16-step, batch-8 rollout of the
+shapes MDM took about 47 000 minor page faults (tiny aMUSEd: 89 000), and rollouts
+were 1.26x (1.07x) slower than with the settings below (docs/performance.md).
 
 :func:`keep_freed_memory` sets the mmap threshold to 32 MiB and the trim threshold
 to 1 GiB, so freed blocks stay in the process and are reused: the process keeps its
@@ -47,7 +47,8 @@ def state() -> str | None:
 
 
 def keep_freed_memory(environ: dict[str, str] | None = None) -> str:
-    """Apply the settings of the module docstring once per process. Returns what was
+    """Apply the settings of the module docstring (early in a process, before large
+    allocations; calling it again changes nothing). Returns what was
     done: "set", "disabled" (MDMRL_KEEP_FREED_MEMORY=0), "user" (a glibc tuning
     variable is set), "unsupported" (no glibc ``mallopt``) or "failed" (mallopt
     refused a value)."""
