@@ -21,10 +21,14 @@ old model log-prob log pi_model,t = sum over I_t^fill of log p(token) under the
 guided tempered distribution. :func:`step_log_prob` is the one implementation of that
 log-prob, called by both :meth:`ConfidenceSampler.sample` and
 :meth:`ConfidenceSampler.replay_step` on the same inputs, so an on-policy replay of
-the same batch reproduces the recorded values bit for bit.
+the same batch reproduces the recorded values bit for bit. (For a codebook of at most
+DENSE_MAX_CODEBOOK the ``per_sample`` draw already holds step_log_prob's terms, the
+entries of the same log-softmax, and the sampler sums them as step_log_prob does.)
 
-Known positions are never re-sampled, so the per-token work (guidance, sampling,
-log-probs) runs on the rows of the still-masked positions only, gathered to [M, V].
+Known positions are never re-sampled, so for larger codebooks the per-token work
+(guidance, sampling, log-probs) runs on the rows of the still-masked positions only,
+gathered to [M, V]; for small ones every position draws (known ones' draws are
+discarded), which costs fewer operations than the gather.
 
 Randomness (option ``rng``):
 
@@ -55,7 +59,12 @@ import torch
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import Backbone, Sampler, SchedulePolicy, StepReplay
-from mdmrl.trajectory import NUM_ACTIONS, Conditioning, Trajectory, is_guidance_free
+from mdmrl.trajectory import ACTION_FIELDS, NUM_ACTIONS, Conditioning, Trajectory, is_guidance_free
+
+#: Columns of an action A_t (:data:`mdmrl.trajectory.ACTION_FIELDS` order).
+SAMPLING_TEMPERATURE, REMASK_RATIO, REMASK_TEMPERATURE, CFG_SCALE = (
+    ACTION_FIELDS.index(f) for f in ("temperature", "remask_ratio", "remask_temperature", "cfg_scale")
+)
 
 #: Smallest sampling temperature used (a policy's exp(u) can underflow to 0).
 MIN_TEMPERATURE = 1e-6
@@ -164,6 +173,7 @@ def guided_rows(
     uncond_logits: torch.Tensor,
     actions: torch.Tensor,
     index: torch.Tensor | None = None,
+    unit_temperature: bool | None = None,
 ) -> torch.Tensor:
     """The guided, tempered logits (u + s (c - u)) / tau_s at the flat positions
     ``index`` (all B N positions when None), float32 [M, V]: :func:`guided_logits` up
@@ -171,8 +181,9 @@ def guided_rows(
     when every tau_s is 1, which changes no bit).
 
     cond_logits, uncond_logits: float [B, N, V]; actions: float [B, K]; index: long
-    [M], flat positions b * N + i, e.g. ``mask.reshape(-1).nonzero().squeeze(1)``.
-    Differentiable."""
+    [M], flat positions b * N + i, e.g. ``mask.reshape(-1).nonzero().squeeze(1)``;
+    unit_temperature: whether every tau_s is exactly 1, when the caller already knows
+    (None: tested here, one host sync). Differentiable."""
     b, n, v = cond_logits.shape
     a = actions.to(device=cond_logits.device, dtype=torch.float32)
     if index is None:
@@ -183,7 +194,9 @@ def guided_rows(
         c = gather_rows(cond_logits, index).float()  # [M, V], new tensors
         z = gather_rows(uncond_logits, index).float().lerp_(c, a[:, 3].index_select(0, row)[:, None])
         tau = a[:, 0].index_select(0, row)[:, None]
-    if not bool((a[:, 0] == 1.0).all()):
+    if unit_temperature is None:
+        unit_temperature = bool((a[:, 0] == 1.0).all())
+    if not unit_temperature:
         z = z.div_(tau.clamp_min(MIN_TEMPERATURE))
     return z.reshape(-1, v)
 
@@ -278,6 +291,25 @@ def inverse_cdf_sample_(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[t
     return tokens.squeeze(-1), log_p
 
 
+def sample_from_log_probs(
+    log_probs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from the distribution whose row-wise log-softmax is
+    ``log_probs`` float32 [M, V], by inverse CDF, and its log-prob: the token's entry
+    of ``log_probs``, bit for bit (so the log-prob of a step is the one
+    :func:`step_log_prob` computes from the same logits).
+
+    targets: float32 [M, 1], one uniform per row already floored at TARGET_FLOOR. With
+    S the running sum of p = exp(max(log_probs, EXP_FLOOR)), the token is the first i
+    with S_i > u S_V, as in :func:`inverse_cdf_sample_` (the exponent is floored for
+    the same reason; a floored entry has probability below 2e-38). One level: meant
+    for codebooks of at most DENSE_MAX_CODEBOOK. Returns tokens and log-probs, long
+    and float32 [M, 1]."""
+    cdf = log_probs.clamp_min(EXP_FLOOR).exp_().cumsum_(dim=-1)  # [M, V], a new tensor
+    tokens = torch.searchsorted(cdf, targets * cdf[:, -1:], right=True).clamp_max_(log_probs.shape[-1] - 1)
+    return tokens, log_probs.gather(-1, tokens)
+
+
 def gumbel_from_uniform_(u: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise -log(-log(u)) from uniforms u in [0, 1), both logs'
     arguments floored at PROB_FLOOR, computed IN PLACE in ``u`` (returned)."""
@@ -293,10 +325,9 @@ def keep_masked_counts(
     k = ceil(r N) (or floor), computed in float32, then clamped to
     [T - 1 - t, num_masked - 1]: at least one token is decoded, and enough stay masked
     for every later step to decode at least one."""
-    x = ratio.to(torch.float32).clamp(0.0, 1.0) * num_tokens
-    k = (torch.ceil(x) if rounding == "ceil" else torch.floor(x)).to(torch.long)
-    k = torch.minimum(k, num_masked.to(torch.long) - 1)
-    return k.clamp_min(num_steps - 1 - step)
+    x = ratio.to(torch.float32).clamp(0.0, 1.0).mul_(num_tokens)
+    k = (x.ceil_() if rounding == "ceil" else x.floor_()).to(torch.long)
+    return torch.minimum(k, num_masked.to(torch.long) - 1).clamp_min_(num_steps - 1 - step)
 
 
 def lowest_confidence_mask(
@@ -317,7 +348,11 @@ def lowest_confidence_mask(
 
 
 def cfg_forward(
-    backbone: Backbone, tokens: torch.Tensor, cond: Conditioning, pair: Conditioning | None
+    backbone: Backbone,
+    tokens: torch.Tensor,
+    cond: Conditioning,
+    pair: Conditioning | None,
+    timestep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward of batch 2B for classifier-free guidance, or of batch B for a
     guidance-free step.
@@ -326,15 +361,18 @@ def cfg_forward(
     (batch 2B, the unconditional half first, as aMUSEd's and Meissonic's pipelines
     order it), or None for a guidance-free step: one forward of the B conditional
     rows, whose logits are returned as both (then u + s (c - u) with s = 1 is c
-    exactly). Returns (cond logits float32 [B, N, V], uncond logits float32 [B, N, V],
-    cond features [B, N, D])."""
+    exactly). timestep: :func:`masked_fraction` of ``tokens`` float32 [B] when the
+    caller has it (the sampler computes it from its masked counts), else computed here.
+    Returns (cond logits float32 [B, N, V], uncond logits float32 [B, N, V], cond
+    features [B, N, D])."""
+    if timestep is None:
+        timestep = masked_fraction(tokens, backbone.mask_token_id)
     if pair is None:
-        out = backbone(tokens, cond, masked_fraction(tokens, backbone.mask_token_id))
+        out = backbone(tokens, cond, timestep)
         logits = out.logits.float()
         return logits, logits, out.features
     b = tokens.shape[0]
-    doubled = torch.cat([tokens, tokens])
-    out = backbone(doubled, pair, masked_fraction(doubled, backbone.mask_token_id))
+    out = backbone(torch.cat([tokens, tokens]), pair, torch.cat([timestep, timestep]))
     logits = out.logits.float()
     return logits[b:], logits[:b], out.features[b:]
 
@@ -442,30 +480,33 @@ class ConfidenceSampler(Sampler):
         actions: torch.Tensor,
         tokens: torch.Tensor,
         masked: torch.Tensor,
-        uniforms: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``per_sample``: each masked position takes its token by
-        :func:`inverse_cdf_sample_` with its uniform of ``uniforms`` [B, N] (row 0 of
-        the step's draw, made from each row's generator at the start of the
-        trajectory); only the M masked rows [M, V] are computed. Returns (V^(t) with
-        the masked positions filled long [B, N], confidence base log p(token) float32
-        [B, N] (0 at known positions), and, for a codebook of at most
-        DENSE_MAX_CODEBOOK, the guided log-probs of every position float32 [B N, V]
-        that :func:`dense_log_prob` reads, else None)."""
-        if cond_logits.shape[-1] <= DENSE_MAX_CODEBOOK:  # every position, known ones discarded
-            z = guided_rows(cond_logits, uncond_logits, actions)  # [B N, V]
-            log_probs = z.log_softmax(dim=-1)  # before the draw overwrites z
-            sampled, log_p = inverse_cdf_sample_(z, uniforms.reshape(-1))
-            candidate = torch.where(masked, sampled.view(tokens.shape), tokens)
-            return candidate, log_p.view(tokens.shape), log_probs
+        targets: torch.Tensor,
+        unit_temperature: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``per_sample``: each masked position takes its token by inverse CDF with its
+        target of ``targets`` float32 [B N, 1] (row 0 of the step's draw, made from each
+        row's generator at the start of the trajectory, floored at TARGET_FLOOR).
+
+        For a codebook of at most DENSE_MAX_CODEBOOK every position draws, from the
+        guided log-probs that :func:`step_log_prob`'s dense branch computes
+        (:func:`sample_from_log_probs`); known positions' draws are discarded by the
+        caller. Larger codebooks compute the M masked rows [M, V] only
+        (:func:`inverse_cdf_sample_`). Returns (tokens long [B, N], holding the draw at
+        every masked position; confidence base log p(token) float32 [B, N]; and whether
+        that base is, at every masked position, bit for bit the term step_log_prob sums)."""
+        b, n = tokens.shape
+        if cond_logits.shape[-1] <= DENSE_MAX_CODEBOOK:
+            log_probs = guided_rows(cond_logits, uncond_logits, actions, None, unit_temperature)
+            sampled, log_p = sample_from_log_probs(log_probs.log_softmax(dim=-1), targets)
+            return sampled.view(b, n), log_p.view(b, n), True
         index = masked.reshape(-1).nonzero().squeeze(1)  # [M] flat masked positions
-        z = guided_rows(cond_logits, uncond_logits, actions, index)  # [M, V]
-        sampled, log_p = inverse_cdf_sample_(z, uniforms.masked_select(masked))
+        z = guided_rows(cond_logits, uncond_logits, actions, index, unit_temperature)  # [M, V]
+        sampled, log_p = inverse_cdf_sample_(z, targets.view(-1).index_select(0, index))
         candidate = tokens.masked_scatter(masked, sampled)
         base = torch.zeros(tokens.shape, dtype=log_p.dtype, device=log_p.device).masked_scatter_(
             masked, log_p
         )
-        return candidate, base, None
+        return candidate, base, False
 
     # ------------------------------------------------------------------ interface
 
@@ -509,6 +550,10 @@ class ConfidenceSampler(Sampler):
             gens = self._generators(seeds, device)
 
             tokens = torch.full((b, n), mask, dtype=torch.long, device=device)
+            # the positions masked in V^(t) and their count: after step 0 they are the
+            # re-mask selection and its size, so no step compares the tokens to the mask id
+            masked = torch.ones(b, n, dtype=torch.bool, device=device)
+            num_masked = torch.full((b,), n, dtype=torch.long, device=device)
             # per step: V^(t+1), I_t^fill, A_t, raw A_t, log pi_model,t, schedule log-prob
             record: dict[str, list[torch.Tensor]] = {
                 k: [] for k in ("tokens", "filled", "act", "raw", "lp", "slp")
@@ -517,57 +562,67 @@ class ConfidenceSampler(Sampler):
                 noise = torch.empty(b, steps, 2, n, device=device)
                 for i, g in enumerate(gens):
                     noise[i].uniform_(0, 1, generator=g)
-                # every step's re-mask Gumbel noise in one pass (the last step's is unused)
-                remask_gumbel = gumbel_from_uniform_(noise[:, :, 1].contiguous())  # [B, T, N]
+                # step-major and contiguous, each in one pass: the token draw's targets
+                # [T, B N, 1] and the re-mask Gumbel noise [T, B, N] (the last step's unused)
+                targets = noise[:, :, 0].transpose(0, 1).contiguous().clamp_min_(TARGET_FLOOR)
+                targets = targets.view(steps, b * n, 1)
+                remask_gumbel = gumbel_from_uniform_(noise[:, :, 1].transpose(0, 1).contiguous())
             remask_noise = torch.empty(b, n, device=device)  # shared draws
             positions = torch.arange(n, device=device).expand(b, n).contiguous()
 
             for t in range(steps):
                 last = t == steps - 1
-                masked = tokens == mask
                 free = schedule.guidance_free(t, steps)
-                c_logits, u_logits, feats = cfg_forward(backbone, tokens, cond, None if free else pair)
+                timestep = num_masked.to(torch.float32).div_(n)  # masked_fraction(tokens)
+                c_logits, u_logits, feats = cfg_forward(
+                    backbone, tokens, cond, None if free else pair, timestep
+                )
                 feats_in = feats if schedule.needs_features else None
                 act, raw, slp = self._act(
                     schedule, t, steps, b, feats_in, gens, deterministic_schedule, device
                 )
-                if not free and is_guidance_free(act):
+                # which action columns are 1 in every row, in one host sync
+                ones = (act == 1.0).all(dim=0).tolist()
+                if not free and ones[CFG_SCALE]:
                     # the replay reads s = 1 from the actions and runs the B-row forward:
                     # draw from that same forward so that it reproduces this step exactly
-                    c_logits, u_logits, _ = cfg_forward(backbone, tokens, cond, None)
+                    c_logits, u_logits, _ = cfg_forward(backbone, tokens, cond, None, timestep)
 
                 # Eq. 2: a token for every masked position (known positions keep theirs)
                 # and the re-mask Gumbel noise (unused at the last step)
                 if shared:
-                    candidate, log_p = self._draw_shared(c_logits, u_logits, act, tokens, masked, gens[0])
-                    log_probs = None
+                    sampled, log_p = self._draw_shared(c_logits, u_logits, act, tokens, masked, gens[0])
+                    exact = False
                     if not last:
                         gumbel = gumbel_from_uniform_(remask_noise.uniform_(0, 1, generator=gens[0]))
                 else:
-                    candidate, log_p, log_probs = self._draw_per_sample(
-                        c_logits, u_logits, act, tokens, masked, noise[:, t, 0]
+                    sampled, log_p, exact = self._draw_per_sample(
+                        c_logits, u_logits, act, tokens, masked, targets[t], ones[SAMPLING_TEMPERATURE]
                     )
-                    gumbel = remask_gumbel[:, t]
+                    gumbel = remask_gumbel[t]
 
                 # Eq. 3-5: re-mask the lowest-confidence new tokens (none at the last step)
                 if last:
-                    nxt = candidate
                     fill = masked
                 else:
-                    tau_r = act[:, 2].clamp_min(0.0)
-                    confidence = (log_p + tau_r[:, None] * gumbel).masked_fill_(~masked, float("inf"))
-                    keep = keep_masked_counts(act[:, 1], masked.sum(-1), t, steps, n, self.options.rounding)
+                    tau_r = act[:, REMASK_TEMPERATURE].clamp_min(0.0)
+                    confidence = torch.where(masked, log_p + tau_r[:, None] * gumbel, math.inf)
+                    keep = keep_masked_counts(
+                        act[:, REMASK_RATIO], num_masked, t, steps, n, self.options.rounding
+                    )
                     remask = lowest_confidence_mask(confidence, keep, positions)
-                    nxt = candidate.masked_fill(remask, mask)
                     fill = masked ^ remask  # remask only selects masked positions (known ones are +inf)
+                nxt = torch.where(fill, sampled, tokens)
 
-                if log_probs is None:
+                if exact:  # step_log_prob's dense branch: the same terms, summed the same way
+                    lp = torch.where(fill, log_p, 0.0).sum(-1)
+                else:
                     lp = step_log_prob(c_logits, u_logits, act, nxt, fill)
-                else:  # step_log_prob's dense branch on the log-probs the draw computed
-                    lp = dense_log_prob(log_probs, nxt, fill)
                 for key, value in zip(record, (nxt, fill, act, raw, lp, slp)):
                     record[key].append(value)
                 tokens = nxt
+                if not last:
+                    masked, num_masked = remask, keep
 
         with torch.no_grad():
             start = torch.full((b, n), mask, dtype=torch.long, device=device)

@@ -84,7 +84,7 @@ class FixedSchedule(SchedulePolicy):
     def __init__(self, options=None):
         super().__init__()
         self.options = options if options is not None else self.Options()
-        self._table: dict[tuple, torch.Tensor] = {}  # (step, T, options) -> [1, K]
+        self._table: dict[tuple, tuple[torch.Tensor, bool]] = {}  # (step, T, options) -> ([1, K], s == 1)
 
     @classmethod
     def from_options(cls, options, ctx: BuildContext) -> FixedSchedule:
@@ -110,12 +110,18 @@ class FixedSchedule(SchedulePolicy):
 
     def _row(self, step: int, num_steps: int) -> torch.Tensor:
         """The action of step ``step``, float32 [1, K], computed once per (step, T, options)."""
+        return self._entry(step, num_steps)[0]
+
+    def _entry(self, step: int, num_steps: int) -> tuple[torch.Tensor, bool]:
+        """(:meth:`_row`, whether its CFG scale is exactly 1), computed once per (step,
+        T, options): the sampler asks both at every step."""
         _check_step(step, num_steps)
         key = (step, num_steps, repr(self.options))
-        a = self._table.get(key)
-        if a is None:
-            a = self._table[key] = self.components(step, num_steps).to(torch.float32).reshape(1, NUM_ACTIONS)
-        return a
+        entry = self._table.get(key)
+        if entry is None:
+            a = self.components(step, num_steps).to(torch.float32).reshape(1, NUM_ACTIONS)
+            entry = self._table[key] = (a, is_guidance_free(a))
+        return entry
 
     def log_prob(
         self, step: int, num_steps: int, features: torch.Tensor | None, raw_actions: torch.Tensor
@@ -125,7 +131,7 @@ class FixedSchedule(SchedulePolicy):
 
     def guidance_free(self, step: int, num_steps: int) -> bool:
         """True when this step's CFG scale is exactly 1 (no guidance)."""
-        return is_guidance_free(self._row(step, num_steps))
+        return self._entry(step, num_steps)[1]
 
 
 def _action(tau_s, r, tau_r, s) -> torch.Tensor:

@@ -11,6 +11,7 @@ from toys import FixedLogits, Scripted
 
 from mdmrl_plugins.cogrpo.sampler import (
     DENSE_MAX_CODEBOOK,
+    TARGET_FLOOR,
     ConfidenceOptions,
     ConfidenceSampler,
     filled_log_prob,
@@ -18,6 +19,7 @@ from mdmrl_plugins.cogrpo.sampler import (
     guided_logits,
     guided_rows,
     inverse_cdf_sample_,
+    sample_from_log_probs,
     step_log_prob,
 )
 
@@ -54,14 +56,30 @@ def two_sample(a: torch.Tensor, b: torch.Tensor) -> float:
     return chi2_sf(stat, int(keep.sum()) - 1)
 
 
-def draw_counts(logits: torch.Tensor, draws: int, seed: int, chunk: int = 20_000) -> torch.Tensor:
-    """Counts [V] of ``draws`` tokens drawn by inverse_cdf_sample_ from softmax(logits [V])."""
+def draw(how: str, logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens long [M] and their log-probs float32 [M] from softmax(logits [M, V]), one
+    uniform of [M] each: by inverse_cdf_sample_ on the logits ("logits") or by
+    sample_from_log_probs on their log-softmax ("log_probs", the sampler's draw for
+    small codebooks)."""
+    if how == "logits":
+        return inverse_cdf_sample_(logits.clone(), uniforms)
+    tokens, log_p = sample_from_log_probs(logits.log_softmax(-1), uniforms.clamp_min(TARGET_FLOOR)[:, None])
+    return tokens.squeeze(1), log_p.squeeze(1)
+
+
+DRAWS = ("logits", "log_probs")
+
+
+def draw_counts(
+    logits: torch.Tensor, draws: int, seed: int, how: str = "logits", chunk: int = 20_000
+) -> torch.Tensor:
+    """Counts [V] of ``draws`` tokens drawn by :func:`draw` from softmax(logits [V])."""
     g = torch.Generator().manual_seed(seed)
     v = logits.shape[0]
     counts = torch.zeros(v, dtype=torch.long)
     for start in range(0, draws, chunk):
         m = min(chunk, draws - start)
-        tokens, _ = inverse_cdf_sample_(logits.expand(m, v).contiguous(), torch.rand(m, generator=g))
+        tokens, _ = draw(how, logits.expand(m, v).contiguous(), torch.rand(m, generator=g))
         counts += torch.bincount(tokens, minlength=v)
     return counts
 
@@ -69,12 +87,16 @@ def draw_counts(logits: torch.Tensor, draws: int, seed: int, chunk: int = 20_000
 # --------------------------------------------------------------------------- the draw itself
 
 
-@pytest.mark.parametrize("v", [7, 16, 512])  # 512 takes the two-level search (blocks of 16 or 32)
-def test_inverse_cdf_draws_follow_the_softmax(v):
+@pytest.mark.parametrize(
+    "v, how",
+    # 512 takes the two-level search of inverse_cdf_sample_ (blocks of 16 or 32)
+    [(7, "logits"), (16, "logits"), (512, "logits"), (7, "log_probs"), (DENSE_MAX_CODEBOOK, "log_probs")],
+)
+def test_inverse_cdf_draws_follow_the_softmax(v, how):
     g = torch.Generator().manual_seed(v)
     logits = torch.randn(v, generator=g) * 1.5
     probs = torch.softmax(logits, -1)
-    counts = draw_counts(logits, 200_000, seed=1)
+    counts = draw_counts(logits, 200_000, seed=1, how=how)
     assert goodness_of_fit(counts, probs) > ALPHA
     # the test is sharp: the same draws are rejected against a 10 % hotter softmax
     assert goodness_of_fit(counts, torch.softmax(logits / 1.1, -1)) < 1e-9
@@ -89,8 +111,22 @@ def test_inverse_cdf_returns_the_log_prob_of_its_token():
     assert torch.allclose(logits, (want - want.amax(-1, keepdim=True)).exp(), atol=1e-6)  # e, in place
 
 
-@pytest.mark.parametrize("v", [8, 300, 512])
-def test_zero_probability_tokens_are_never_drawn(v):
+def test_the_log_prob_draw_returns_the_entry_of_its_token_bit_for_bit():
+    """The sampler sums these values as log pi_model,t for small codebooks: they must be
+    the log-softmax entries that step_log_prob reads, not a recomputation."""
+    g = torch.Generator().manual_seed(0)
+    log_probs = (torch.randn(500, 16, generator=g) * 4).log_softmax(-1)
+    before = log_probs.clone()
+    tokens, log_p = sample_from_log_probs(log_probs, torch.rand(500, 1, generator=g).clamp_min(TARGET_FLOOR))
+    assert tokens.shape == log_p.shape == (500, 1)
+    assert torch.equal(log_p, log_probs.gather(-1, tokens))
+    assert torch.equal(log_probs, before)  # the input is not overwritten
+
+
+@pytest.mark.parametrize(
+    "v, how", [(8, "logits"), (300, "logits"), (512, "logits"), (8, "log_probs"), (64, "log_probs")]
+)
+def test_zero_probability_tokens_are_never_drawn(v, how):
     """-inf logits and logits 1000 below the max (exp underflows; the floor against
     slow denormals keeps them at <= 1.7e-38) are never drawn, even at u = 0 and at the
     largest float32 uniform, and wherever they sit in the row (first, last, inside a
@@ -105,7 +141,7 @@ def test_zero_probability_tokens_are_never_drawn(v):
     uniforms = torch.rand(rows, generator=g)
     uniforms[:64] = 0.0
     uniforms[64:128] = 1.0 - 2.0**-24  # the largest float32 uniform
-    tokens, log_p = inverse_cdf_sample_(logits, uniforms)
+    tokens, log_p = draw(how, logits, uniforms)
     assert not bool(dead[tokens].any())
     assert bool(torch.isfinite(log_p).all())
     # u = 0 draws the first token of non-negligible probability
@@ -113,10 +149,11 @@ def test_zero_probability_tokens_are_never_drawn(v):
     assert bool((tokens[:64] == first_live).all())
 
 
-def test_a_near_one_hot_row_draws_its_mode():
+@pytest.mark.parametrize("how", DRAWS)
+def test_a_near_one_hot_row_draws_its_mode(how):
     logits = torch.full((10, 512), -200.0)
     logits[:, 37] = 0.0
-    tokens, log_p = inverse_cdf_sample_(logits, torch.linspace(0, 0.999, 10))
+    tokens, log_p = draw(how, logits, torch.linspace(0, 0.999, 10))
     assert tokens.tolist() == [37] * 10 and torch.allclose(log_p, torch.zeros(10))
 
 
