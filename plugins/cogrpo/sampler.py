@@ -53,6 +53,8 @@ See docs/sampling.md for every choice and where it comes from.
 from __future__ import annotations
 
 import math
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -317,17 +319,40 @@ def gumbel_from_uniform_(u: torch.Tensor) -> torch.Tensor:
 
 
 def keep_masked_counts(
-    ratio: torch.Tensor, num_masked: torch.Tensor, step: int, num_steps: int, num_tokens: int, rounding: str
-) -> torch.Tensor:
-    """How many positions stay masked after a non-final step, long [B].
+    ratios: Sequence[float],
+    num_masked: Sequence[int],
+    step: int,
+    num_steps: int,
+    num_tokens: int,
+    rounding: str,
+) -> list[int]:
+    """How many positions stay masked after a non-final step, one count per row.
 
-    ratio: r float [B] (clamped to [0, 1]); num_masked: long [B] masked in V^(t).
-    k = ceil(r N) (or floor), computed in float32, then clamped to
-    [T - 1 - t, num_masked - 1]: at least one token is decoded, and enough stay masked
-    for every later step to decode at least one."""
-    x = ratio.to(torch.float32).clamp(0.0, 1.0).mul_(num_tokens)
-    k = (x.ceil_() if rounding == "ceil" else x.floor_()).to(torch.long)
-    return torch.minimum(k, num_masked.to(torch.long) - 1).clamp_min_(num_steps - 1 - step)
+    ratios: r per row (float32 values, clamped to [0, 1]); num_masked: the count
+    masked in V^(t) per row. k = ceil(r N) (or floor), with r N rounded to float32 as
+    a float32 product is, then clamped to [T - 1 - t, num_masked - 1]: at least one
+    token is decoded, and enough stay masked for every later step to decode at least
+    one. A NaN ratio keeps the fewest, T - 1 - t. Computed on the host: the sampler
+    reads the actions there once per step anyway, and a few Python operations cost
+    less than as many tensor operations."""
+    lo = num_steps - 1 - step
+    out = []
+    for r, m in zip(ratios, num_masked):
+        if r != r:  # NaN
+            out.append(lo)
+            continue
+        x = float32(min(max(r, 0.0), 1.0) * num_tokens)
+        k = math.ceil(x) if rounding == "ceil" else math.floor(x)
+        out.append(max(min(k, int(m) - 1), lo))
+    return out
+
+
+def float32(x: float) -> float:
+    """x rounded to the nearest float32 (ties to even), as a Python float."""
+    return _F32.unpack(_F32.pack(x))[0]
+
+
+_F32 = struct.Struct("f")
 
 
 def lowest_confidence_mask(
@@ -553,7 +578,7 @@ class ConfidenceSampler(Sampler):
             # the positions masked in V^(t) and their count: after step 0 they are the
             # re-mask selection and its size, so no step compares the tokens to the mask id
             masked = torch.ones(b, n, dtype=torch.bool, device=device)
-            num_masked = torch.full((b,), n, dtype=torch.long, device=device)
+            num_masked = [n] * b
             # per step: V^(t+1), I_t^fill, A_t, raw A_t, log pi_model,t, schedule log-prob
             record: dict[str, list[torch.Tensor]] = {
                 k: [] for k in ("tokens", "filled", "act", "raw", "lp", "slp")
@@ -573,7 +598,8 @@ class ConfidenceSampler(Sampler):
             for t in range(steps):
                 last = t == steps - 1
                 free = schedule.guidance_free(t, steps)
-                timestep = num_masked.to(torch.float32).div_(n)  # masked_fraction(tokens)
+                # masked_fraction(tokens), the same float32 values
+                timestep = torch.tensor([k / n for k in num_masked], dtype=torch.float32, device=device)
                 c_logits, u_logits, feats = cfg_forward(
                     backbone, tokens, cond, None if free else pair, timestep
                 )
@@ -581,9 +607,9 @@ class ConfidenceSampler(Sampler):
                 act, raw, slp = self._act(
                     schedule, t, steps, b, feats_in, gens, deterministic_schedule, device
                 )
-                # which action columns are 1 in every row, in one host sync
-                ones = (act == 1.0).all(dim=0).tolist()
-                if not free and ones[CFG_SCALE]:
+                rows = act.tolist()  # the step's one host sync: its flags and counts are computed here
+                unit_temperature = all(r[SAMPLING_TEMPERATURE] == 1.0 for r in rows)
+                if not free and all(r[CFG_SCALE] == 1.0 for r in rows):
                     # the replay reads s = 1 from the actions and runs the B-row forward:
                     # draw from that same forward so that it reproduces this step exactly
                     c_logits, u_logits, _ = cfg_forward(backbone, tokens, cond, None, timestep)
@@ -597,7 +623,7 @@ class ConfidenceSampler(Sampler):
                         gumbel = gumbel_from_uniform_(remask_noise.uniform_(0, 1, generator=gens[0]))
                 else:
                     sampled, log_p, exact = self._draw_per_sample(
-                        c_logits, u_logits, act, tokens, masked, targets[t], ones[SAMPLING_TEMPERATURE]
+                        c_logits, u_logits, act, tokens, masked, targets[t], unit_temperature
                     )
                     gumbel = remask_gumbel[t]
 
@@ -608,9 +634,9 @@ class ConfidenceSampler(Sampler):
                     tau_r = act[:, REMASK_TEMPERATURE].clamp_min(0.0)
                     confidence = torch.where(masked, log_p + tau_r[:, None] * gumbel, math.inf)
                     keep = keep_masked_counts(
-                        act[:, REMASK_RATIO], num_masked, t, steps, n, self.options.rounding
+                        [r[REMASK_RATIO] for r in rows], num_masked, t, steps, n, self.options.rounding
                     )
-                    remask = lowest_confidence_mask(confidence, keep, positions)
+                    remask = lowest_confidence_mask(confidence, torch.tensor(keep, device=device), positions)
                     fill = masked ^ remask  # remask only selects masked positions (known ones are +inf)
                 nxt = torch.where(fill, sampled, tokens)
 

@@ -22,6 +22,7 @@ from mdmrl_plugins.cogrpo.sampler import (
     guided_log_probs,
     keep_masked_counts,
     lowest_confidence_mask,
+    masked_fraction,
 )
 from mdmrl_plugins.cogrpo.schedules import FIXED_SCHEDULES, MeissonicSchedule
 
@@ -191,11 +192,66 @@ def test_lowest_confidence_mask_unit():
 @pytest.mark.parametrize("rounding", ["ceil", "floor"])
 def test_keep_counts_round_and_clamp(rounding):
     # step 1 of 4: at least T - 1 - t = 2 stay masked, at most masked - 1
-    ratio = torch.tensor([0.25, 0.25, 1.0, 0.0, 0.99])
-    masked = torch.tensor([10, 3, 10, 10, 10])
+    ratio = [0.25, 0.25, 1.0, 0.0, 0.99, 1.5, -0.5, math.nan]
+    masked = [10, 3, 10, 10, 10, 10, 10, 10]
     k = keep_masked_counts(ratio, masked, step=1, num_steps=4, num_tokens=10, rounding=rounding)
-    want = [3, 2, 9, 2, 9] if rounding == "ceil" else [2, 2, 9, 2, 9]
-    assert k.tolist() == want
+    want = [3, 2, 9, 2, 9, 9, 2, 2] if rounding == "ceil" else [2, 2, 9, 2, 9, 9, 2, 2]
+    assert k == want
+
+
+def keep_counts_in_float32(ratio, num_masked, step, num_steps, num_tokens, rounding):
+    """The count rule computed with float32 tensors: the reference for the host version."""
+    x = torch.tensor(ratio, dtype=torch.float32).clamp(0.0, 1.0) * num_tokens
+    k = (torch.ceil(x) if rounding == "ceil" else torch.floor(x)).to(torch.long)
+    k = torch.where(torch.isnan(x), num_steps - 1 - step, k)
+    return torch.minimum(k, torch.tensor(num_masked) - 1).clamp_min(num_steps - 1 - step).tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 4096),
+    raw=st.lists(st.floats(-0.125, 1.125, width=32), min_size=1, max_size=8),
+    data=st.data(),
+    rounding=st.sampled_from(["ceil", "floor"]),
+)
+def test_keep_counts_on_the_host_round_as_float32_does(n, raw, data, rounding):
+    """r N is rounded to float32 before ceil/floor: a ratio whose exact product lies
+    just above an integer but rounds onto it keeps that integer, as on the device."""
+    num_steps = data.draw(st.integers(1, max(1, min(n, 64))))
+    step = data.draw(st.integers(0, num_steps - 1))
+    masked = [data.draw(st.integers(num_steps - step, n)) for _ in raw]
+    # ratios near k / N, where the float32 rounding of r N decides the count
+    near = [float(torch.tensor(round(r * n) / n, dtype=torch.float32)) for r in raw]
+    for ratios in (raw, near):
+        got = keep_masked_counts(ratios, masked, step, num_steps, n, rounding)
+        assert got == keep_counts_in_float32(ratios, masked, step, num_steps, n, rounding)
+
+
+@pytest.mark.parametrize("rng", MODES)
+def test_forward_timesteps_are_the_masked_fraction_of_the_tokens(rng):
+    """The sampler tracks the masked positions and their count through the re-mask
+    selection; the timestep it passes must be masked_fraction of the tokens it passes,
+    bit for bit, as the replay computes it."""
+    bb = tiny(4, 5, v=7)
+    calls = []
+    forward = bb.forward
+
+    def record(tokens, cond, timestep):
+        calls.append((tokens.clone(), timestep.clone()))
+        return forward(tokens, cond, timestep)
+
+    bb.forward = record
+    sched = Scripted(lambda t, T: [0.7, [0.9, 0.55, 0.3, 0.1, 0.0][t], 1.0, [2.0, 1.0, 3.0, 1.0, 2.0][t]])
+    traj = ConfidenceSampler(ConfidenceOptions(rng=rng)).sample(
+        bb, sched, ["a", "b c"], 5, torch.tensor([1, 2])
+    )
+    # a 2B forward per step, and a B-row one again at the two undeclared s = 1 steps
+    assert [c[0].shape[0] for c in calls] == [4, 4, 2, 4, 4, 2, 4]
+    steps = [0, 1, 1, 2, 3, 3, 4]
+    for t, (tokens, timestep) in zip(steps, calls):
+        assert torch.equal(tokens[-2:], traj.tokens[:, t])  # the conditional rows come last
+        assert timestep.dtype == torch.float32
+        assert torch.equal(timestep, masked_fraction(tokens, bb.mask_token_id))
 
 
 @pytest.mark.parametrize("rng", MODES)
