@@ -143,3 +143,26 @@ def test_allocator_quick(tmp_path, capsys):
     for key in ("rollout_s", "floor_s"):
         assert r["speedup"][key] == pytest.approx(r["median"]["default"][key] / r["median"]["kept"][key])
     assert "default / kept" in capsys.readouterr().out
+
+
+def test_sampler_revisions_quick(tmp_path, capsys):
+    data = _run(
+        "sampler_revisions", tmp_path, "--revs", "HEAD", "--models", "shapes-mdm", "--rng", "per_sample"
+    )
+    assert data["results"]["revisions"]["work"] == "work"
+    assert data["results"]["revisions"]["HEAD"]  # the short commit of HEAD
+    (case,) = data["results"]["cases"]
+    assert set(case["versions"]) == {"work", "HEAD"}
+    work = case["versions"]["work"]
+    assert work["same_as_first"] is True
+    for v in case["versions"].values():
+        assert 0 < v["inside_forward_median_s"] < v["rollout"]["median_s"]
+        assert v["ratio_in_run"] > 1
+    assert data["targets"] == {}
+    assert "outside fwd ms" in capsys.readouterr().out
+
+
+def test_sampler_revisions_names_an_unknown_revision(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        _run("sampler_revisions", tmp_path, "--revs", "no-such-revision", "--models", "shapes-mdm")
+    assert "cannot read plugins/cogrpo/sampler.py at 'no-such-revision'" in str(exc.value)
