@@ -12,6 +12,7 @@ Shapes use the letters documented in :mod:`mdmrl.trajectory`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -95,6 +96,45 @@ class Backbone(Part, nn.Module, ABC):
     @abstractmethod
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Finished token grids long [B, N] (no mask) -> images float32 [B, 3, H_img, W_img] in [0, 1]."""
+
+
+class NullConditioningCache:
+    """A backbone's null condition (the encoding of B empty prompts), computed once and
+    reused while the weights that compute it stay the same: every rollout asks for it,
+    and it depends on nothing else. A backbone keeps one and answers
+    :meth:`Backbone.null_conditioning` with :meth:`get`.
+
+    The value is kept under a key of the batch size, ``extra`` (e.g. the output dtype)
+    and, for every tensor the encoding reads, its device, storage address and in-place
+    version counter (an optimizer step or ``load_state_dict`` changes it); another key
+    computes it again. While gradients are on and one of those tensors requires grad,
+    the value is never reused: the encoding must then be part of the autograd graph
+    (a text tower that is trained gets its gradient from the null branch too). The kept
+    tensors are ordinary ones, made outside inference mode without autograd, so they
+    can be used later with autograd on; callers must not modify them in place
+    (``Conditioning.cat`` copies them)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple, Conditioning] | None = None
+
+    def get(
+        self,
+        batch_size: int,
+        tensors: Iterable[torch.Tensor],
+        compute: Callable[[], Conditioning],
+        extra: Hashable = None,
+    ) -> Conditioning:
+        """``compute()`` (the backbone's encoding of ``[""] * batch_size``), or the kept
+        result of an earlier call with the same key. ``tensors``: the parameters and
+        buffers the encoding reads."""
+        tensors = list(tensors)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return compute()
+        key = (int(batch_size), extra, tuple((t.device, t.data_ptr(), t._version) for t in tensors))
+        if self._entry is None or self._entry[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._entry = (key, compute())
+        return self._entry[1]
 
 
 class SchedulePolicy(Part, nn.Module, ABC):

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from mdmrl.errors import UserError
-from mdmrl.interfaces import Backbone, BuildContext
+from mdmrl.interfaces import Backbone, BuildContext, NullConditioningCache
 from mdmrl.trajectory import BackboneOutput, Conditioning
 
 HUB_ID = "amused/amused-256"
@@ -238,8 +238,8 @@ class AmusedBackbone(Backbone):
         micro = [resolution, resolution, 0.0, 0.0, o.aesthetic_score]
         self.register_buffer("micro_conds", torch.tensor([micro], dtype=torch.float32), persistent=False)
         self.transformer.mlm_layer.register_forward_pre_hook(_capture_head_input)
-        #: (key, Conditioning) of the last null conditioning; see :meth:`null_conditioning`.
-        self._null_cache: tuple[tuple, Conditioning] | None = None
+        #: the null condition, reused while the text encoder is unchanged; see :meth:`null_conditioning`
+        self._null_cache = NullConditioningCache()
         if o.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
 
@@ -323,15 +323,15 @@ class AmusedBackbone(Backbone):
 
     def null_conditioning(self, batch_size: int) -> Conditioning:
         """``encode_prompts([""] * batch_size)``, computed once and reused while the
-        batch size, the device and the text encoder's weights (their storage and
-        in-place version counters) stay the same. Callers must not modify the returned
-        tensors in place (``Conditioning.cat`` copies them)."""
-        params = tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters())
-        key = (int(batch_size), self.device, DTYPES[self.options.dtype], params)
-        if self._null_cache is None or self._null_cache[0] != key:
-            with torch.inference_mode(False):  # ordinary tensors, usable later with autograd on
-                self._null_cache = (key, self.encode_prompts([""] * int(batch_size)))
-        return self._null_cache[1]
+        batch size, the dtype and the text encoder's weights stay the same
+        (:class:`~mdmrl.interfaces.NullConditioningCache`). Callers must not modify the
+        returned tensors in place (``Conditioning.cat`` copies them)."""
+        return self._null_cache.get(
+            batch_size,
+            self.text_encoder.parameters(),
+            lambda: self.encode_prompts([""] * int(batch_size)),
+            extra=DTYPES[self.options.dtype],
+        )
 
     def forward(self, tokens: torch.Tensor, cond: Conditioning, timestep: torch.Tensor) -> BackboneOutput:
         """tokens long [B, N] (row-major grid), cond batch B, timestep unused (see the

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from mdmrl.errors import UserError
-from mdmrl.interfaces import Backbone, BuildContext
+from mdmrl.interfaces import Backbone, BuildContext, NullConditioningCache
 from mdmrl.trajectory import BackboneOutput, Conditioning
 
 HUB_ID = "MeissonFlow/Meissonic"
@@ -280,6 +280,8 @@ class MeissonicBackbone(Backbone):
         self.text_encoder.requires_grad_(False)
         self.vqvae.requires_grad_(False)
         self.tokenizer = tokenizer
+        #: the null condition, reused while the text encoder is unchanged; see :meth:`null_conditioning`
+        self._null_cache = NullConditioningCache()
 
         cfg = transformer.config
         self.codebook_size = int(cfg.codebook_size)
@@ -368,6 +370,18 @@ class MeissonicBackbone(Backbone):
             hidden=out.hidden_states[-2].to(dtype),
             pooled=out.text_embeds.to(dtype),
             attention_mask=tok.attention_mask.to(self.device).bool(),
+        )
+
+    def null_conditioning(self, batch_size: int) -> Conditioning:
+        """``encode_prompts([""] * batch_size)``, computed once and reused while the
+        batch size, the dtype and the text encoder's weights stay the same
+        (:class:`~mdmrl.interfaces.NullConditioningCache`). Callers must not modify the
+        returned tensors in place (``Conditioning.cat`` copies them)."""
+        return self._null_cache.get(
+            batch_size,
+            self.text_encoder.parameters(),
+            lambda: self.encode_prompts([""] * int(batch_size)),
+            extra=DTYPES[self.options.dtype],
         )
 
     def forward(self, tokens: torch.Tensor, cond: Conditioning, timestep: torch.Tensor) -> BackboneOutput:

@@ -20,6 +20,7 @@ the committed ones live in ``plugins/shapes/weights/``. See docs/shapes-model.md
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdmrl.errors import UserError
-from mdmrl.interfaces import Backbone, BuildContext
+from mdmrl.interfaces import Backbone, BuildContext, NullConditioningCache
 from mdmrl.trajectory import BackboneOutput, Conditioning
 
 #: The committed weights ("builtin"); the config is the .json file beside it.
@@ -284,6 +285,8 @@ class ShapesMDM(Backbone):
             Block(d, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
         )
         self.text_norm = nn.LayerNorm(d)
+        #: the null condition, reused while the text tower is unchanged; see :meth:`null_conditioning`
+        self._null_cache = NullConditioningCache()
         # image stream
         # one embedding table per position inside a patch: id = sub * (V + 1) + token
         self.tok_emb = nn.Embedding((config.codebook_size + 1) * p * p, d)
@@ -417,6 +420,21 @@ class ShapesMDM(Backbone):
         m = mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         return Conditioning(hidden=h, pooled=pooled, attention_mask=mask)
+
+    def null_conditioning(self, batch_size: int) -> Conditioning:
+        """``encode_prompts([""] * batch_size)``. Without gradients (a rollout, an
+        evaluation) it is computed once and reused while the batch size and the text
+        tower's weights stay the same (:class:`~mdmrl.interfaces.NullConditioningCache`);
+        with gradients on it is computed each time, so a trained text tower gets its
+        gradient from the null branch. Callers must not modify the returned tensors in
+        place (``Conditioning.cat`` copies them)."""
+        tower = itertools.chain(
+            self.word_emb.parameters(),
+            [self.text_pos],
+            self.text_blocks.parameters(),
+            self.text_norm.parameters(),
+        )
+        return self._null_cache.get(batch_size, tower, lambda: self.encode_prompts([""] * int(batch_size)))
 
     def forward(self, tokens: torch.Tensor, cond: Conditioning, timestep: torch.Tensor) -> BackboneOutput:
         """tokens long [B, N] (0..V-1 or mask id V); cond from :meth:`encode_prompts`

@@ -62,6 +62,11 @@ def test_encode_prompts_follows_the_pipeline(make_backbone, clip_tokenizer):
     # the null prompt is "", and fixed-length conditionings concatenate for CFG
     null = bb.null_conditioning(2)
     torch.testing.assert_close(null.hidden[0], cond.hidden[2])
+    assert bb.null_conditioning(2) is null  # kept while the frozen text encoder is unchanged
+    with torch.no_grad():  # a checkpoint load changes it in place
+        for p in bb.text_encoder.parameters():
+            p.mul_(1.5)
+    assert not torch.equal(bb.null_conditioning(2).hidden, null.hidden)
     both = Conditioning.cat([cond, null])
     assert both.hidden.shape[0] == 5
 

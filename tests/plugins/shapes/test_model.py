@@ -238,3 +238,29 @@ def test_patches_map_tokens_back_to_their_grid_positions():
     tokens = torch.randint(0, V, (3, N))
     out = run(m, ["a circle", "", "two squares"], tokens, 0.0)
     assert torch.equal(out.logits.argmax(-1), tokens)
+
+
+def test_null_conditioning_is_reused_without_gradients_and_trains_with_them():
+    """The null condition is the empty prompts; a rollout (no gradients) reuses it until
+    the text tower changes, and a trained step recomputes it so that the null branch's
+    gradient reaches the text tower."""
+    m = tiny()
+    with torch.no_grad():
+        first = m.null_conditioning(3)
+        fresh = m.encode_prompts(["", "", ""])
+        assert torch.equal(first.hidden, fresh.hidden) and torch.equal(first.pooled, fresh.pooled)
+        assert m.null_conditioning(3) is first
+    with torch.inference_mode():
+        assert m.null_conditioning(3) is first
+    # with gradients: computed again, and the text tower gets a gradient from it
+    trained = m.null_conditioning(3)
+    assert trained is not first and trained.hidden.grad_fn is not None
+    tokens = torch.full((3, N), m.mask_token_id)
+    m(tokens, trained, torch.ones(3)).logits.logsumexp(-1).sum().backward()
+    assert m.text_pos.grad is not None and bool(m.text_pos.grad.abs().sum() > 0)
+    # an optimizer step on the text tower: the kept value is not reused
+    torch.optim.SGD(m.parameters(), lr=1.0).step()
+    with torch.no_grad():
+        after = m.null_conditioning(3)
+        assert after is not first and torch.equal(after.hidden, m.encode_prompts([""] * 3).hidden)
+        assert not torch.equal(after.hidden, first.hidden)
