@@ -136,6 +136,14 @@ class NullConditioningCache:
                 self._entry = (key, compute())
         return self._entry[1]
 
+    def empty_prompts(
+        self, backbone: Backbone, batch_size: int, tensors: Iterable[torch.Tensor], extra: Hashable = None
+    ) -> Conditioning:
+        """:meth:`get` of ``backbone.encode_prompts([""] * batch_size)``: the body of a
+        backbone's :meth:`Backbone.null_conditioning`."""
+        b = int(batch_size)
+        return self.get(b, tensors, lambda: backbone.encode_prompts([""] * b), extra)
+
 
 class SchedulePolicy(Part, nn.Module, ABC):
     """Chooses the schedule action A_t = (tau_s, r, tau_r, s) at every step (Eq. 14).

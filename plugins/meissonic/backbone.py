@@ -373,15 +373,11 @@ class MeissonicBackbone(Backbone):
         )
 
     def null_conditioning(self, batch_size: int) -> Conditioning:
-        """``encode_prompts([""] * batch_size)``, computed once and reused while the
-        batch size, the dtype and the text encoder's weights stay the same
-        (:class:`~mdmrl.interfaces.NullConditioningCache`). Callers must not modify the
-        returned tensors in place (``Conditioning.cat`` copies them)."""
-        return self._null_cache.get(
-            batch_size,
-            self.text_encoder.parameters(),
-            lambda: self.encode_prompts([""] * int(batch_size)),
-            extra=DTYPES[self.options.dtype],
+        """The empty prompts' encoding, kept while B, the dtype and the frozen text
+        encoder stay the same (:class:`~mdmrl.interfaces.NullConditioningCache`); do not
+        modify it in place."""
+        return self._null_cache.empty_prompts(
+            self, batch_size, self.text_encoder.parameters(), DTYPES[self.options.dtype]
         )
 
     def forward(self, tokens: torch.Tensor, cond: Conditioning, timestep: torch.Tensor) -> BackboneOutput:

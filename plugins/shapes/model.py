@@ -434,7 +434,7 @@ class ShapesMDM(Backbone):
             self.text_blocks.parameters(),
             self.text_norm.parameters(),
         )
-        return self._null_cache.get(batch_size, tower, lambda: self.encode_prompts([""] * int(batch_size)))
+        return self._null_cache.empty_prompts(self, batch_size, tower)
 
     def forward(self, tokens: torch.Tensor, cond: Conditioning, timestep: torch.Tensor) -> BackboneOutput:
         """tokens long [B, N] (0..V-1 or mask id V); cond from :meth:`encode_prompts`
