@@ -83,6 +83,11 @@ EXP_FLOOR = -87.0
 #: there the cost of a step is the count of small operations, and gathering the masked
 #: rows costs more than it saves.
 DENSE_MAX_CODEBOOK = 64
+#: Larger codebooks draw on every row while more than this fraction of the B N
+#: positions is masked, else on the gathered masked rows: per element of [B N, V],
+#: the gather reads and writes the cond and uncond rows (4 passes) before the same
+#: guidance and draw, so gathering M rows costs about 13 M passes against 9 B N.
+DENSE_ROW_FRACTION = 0.7
 #: The lowest draw target, as a fraction of the total: half the spacing of float32
 #: uniforms (2^-24), so u = 0 lands on a token of non-negligible probability.
 TARGET_FLOOR = 2.0**-25
@@ -282,7 +287,7 @@ def inverse_cdf_sample_(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[t
     target = uniforms.clamp_min(TARGET_FLOOR)[:, None] * total
     tokens = torch.searchsorted(cdf, target, right=True)  # [M, 1]: cdf[token] > target >= cdf[token - 1]
     if k < v:
-        block = tokens
+        block = tokens.clamp_max_(v // k - 1)  # a no-op unless a row is NaN (then its draw is meaningless)
         before = cdf.gather(-1, (block - 1).clamp_min_(0)).masked_fill_(block == 0, 0.0)
         inner = e.view(m, v // k, k).gather(1, block[:, :, None].expand(m, 1, k)).squeeze(1).cumsum_(dim=-1)
         # the block's own running sum can end an ulp below cdf[block] - before: stay below its end
@@ -507,6 +512,7 @@ class ConfidenceSampler(Sampler):
         masked: torch.Tensor,
         targets: torch.Tensor,
         unit_temperature: bool,
+        num_masked: int,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """``per_sample``: each masked position takes its token by inverse CDF with its
         target of ``targets`` float32 [B N, 1] (row 0 of the step's draw, made from each
@@ -515,15 +521,23 @@ class ConfidenceSampler(Sampler):
         For a codebook of at most DENSE_MAX_CODEBOOK every position draws, from the
         guided log-probs that :func:`step_log_prob`'s dense branch computes
         (:func:`sample_from_log_probs`); known positions' draws are discarded by the
-        caller. Larger codebooks compute the M masked rows [M, V] only
-        (:func:`inverse_cdf_sample_`). Returns (tokens long [B, N], holding the draw at
-        every masked position; confidence base log p(token) float32 [B, N]; and whether
-        that base is, at every masked position, bit for bit the term step_log_prob sums)."""
+        caller. Larger codebooks draw by :func:`inverse_cdf_sample_`, on the rows of the
+        M = ``num_masked`` masked positions gathered to [M, V], or, while M is above
+        DENSE_ROW_FRACTION of the B N positions, on every row: gathering the cond and
+        uncond rows then costs more than guiding and drawing the known ones too (the
+        rows' values and draws are the same either way). Returns (tokens long [B, N],
+        holding the draw at every masked position; confidence base log p(token) float32
+        [B, N], meaningful at masked positions; and whether that base is, at every
+        masked position, bit for bit the term step_log_prob sums)."""
         b, n = tokens.shape
         if cond_logits.shape[-1] <= DENSE_MAX_CODEBOOK:
             log_probs = guided_rows(cond_logits, uncond_logits, actions, None, unit_temperature)
             sampled, log_p = sample_from_log_probs(log_probs.log_softmax(dim=-1), targets)
             return sampled.view(b, n), log_p.view(b, n), True
+        if num_masked > DENSE_ROW_FRACTION * b * n:
+            z = guided_rows(cond_logits, uncond_logits, actions, None, unit_temperature)  # [B N, V]
+            sampled, log_p = inverse_cdf_sample_(z, targets.view(-1))
+            return sampled.view(b, n), log_p.view(b, n), False
         index = masked.reshape(-1).nonzero().squeeze(1)  # [M] flat masked positions
         z = guided_rows(cond_logits, uncond_logits, actions, index, unit_temperature)  # [M, V]
         sampled, log_p = inverse_cdf_sample_(z, targets.view(-1).index_select(0, index))
@@ -623,7 +637,7 @@ class ConfidenceSampler(Sampler):
                         gumbel = gumbel_from_uniform_(remask_noise.uniform_(0, 1, generator=gens[0]))
                 else:
                     sampled, log_p, exact = self._draw_per_sample(
-                        c_logits, u_logits, act, tokens, masked, targets[t], unit_temperature
+                        c_logits, u_logits, act, tokens, masked, targets[t], unit_temperature, sum(num_masked)
                     )
                     gumbel = remask_gumbel[t]
 

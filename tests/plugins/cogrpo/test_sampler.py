@@ -364,3 +364,20 @@ def test_one_step_decodes_everything():
     traj = ConfidenceSampler().sample(bb, MeissonicSchedule(), ["a"], 1, torch.tensor([9]))
     assert bool(traj.filled.all()) and traj.tokens.shape == (1, 2, bb.num_tokens)
     assert math.isfinite(float(traj.model_log_probs[0, 0]))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_drawing_every_row_or_the_masked_rows_gives_the_same_trajectory(monkeypatch, tau):
+    """For codebooks above DENSE_MAX_CODEBOOK the sampler draws on every row while most
+    positions are masked and on the gathered masked rows after: the two must agree
+    bit for bit, whichever it picks at each step."""
+    import mdmrl_plugins.cogrpo.sampler as sampler_module
+
+    bb = tiny(4, 6, v=sampler_module.DENSE_MAX_CODEBOOK + 32)
+    sched = Scripted(lambda t, T: [tau, [0.8, 0.5, 0.2, 0.0][t], 1.0, 3.0])
+    run = {}
+    for fraction in (0.0, 2.0):  # every row at every step / the masked rows at every step
+        monkeypatch.setattr(sampler_module, "DENSE_ROW_FRACTION", fraction)
+        run[fraction] = ConfidenceSampler().sample(bb, sched, ["a", "b c", "d"], 4, torch.tensor([5, 6, 7]))
+    for field in ("tokens", "filled", "model_log_probs"):
+        assert torch.equal(getattr(run[0.0], field), getattr(run[2.0], field)), field
