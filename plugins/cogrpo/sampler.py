@@ -231,7 +231,8 @@ def step_log_prob(
     b, n, v = cond_logits.shape
     if v <= DENSE_MAX_CODEBOOK:
         log_probs = guided_rows(cond_logits, uncond_logits, actions).log_softmax(dim=-1)  # [B N, V]
-        return dense_log_prob(log_probs, next_tokens, filled)
+        token = torch.where(filled, next_tokens, 0).reshape(-1, 1)
+        return sum_filled(log_probs.gather(-1, token).view(b, n), filled)
     index = filled.reshape(-1).nonzero().squeeze(1)  # [F]
     z = guided_rows(cond_logits, uncond_logits, actions, index)  # [F, V]
     token = next_tokens.reshape(-1).index_select(0, index)[:, None]
@@ -240,16 +241,14 @@ def step_log_prob(
     return per_position.masked_scatter(filled, picked).sum(-1)
 
 
-def dense_log_prob(log_probs: torch.Tensor, next_tokens: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-    """The dense branch of :func:`step_log_prob` from the guided log-probs of every
-    position, float32 [B N, V] (``guided_rows(...).log_softmax(-1)``): the sum over
-    I_t^fill of the filled token's entry, float32 [B]. The sampler computes those
-    log-probs once per step for both its draw and this value.
+def sum_filled(per_position: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """The sum over I_t^fill of per-position log-probs float32 [B, N] (any value
+    elsewhere), in position order, float32 [B]: the last step of :func:`step_log_prob`'s
+    dense branch, which the sampler also applies to the log-probs its draw holds, so
+    both sum the same terms the same way.
 
-    next_tokens: long [B, N]; filled: bool [B, N]."""
-    token = torch.where(filled, next_tokens, 0).reshape(-1, 1)
-    picked = log_probs.gather(-1, token).view(filled.shape)
-    return torch.where(filled, picked, 0.0).sum(-1)
+    filled: bool [B, N]."""
+    return torch.where(filled, per_position, 0.0).sum(-1)
 
 
 def _block_size(v: int) -> int:
@@ -346,13 +345,13 @@ def keep_masked_counts(
         if r != r:  # NaN
             out.append(lo)
             continue
-        x = float32(min(max(r, 0.0), 1.0) * num_tokens)
+        x = round_float32(min(max(r, 0.0), 1.0) * num_tokens)
         k = math.ceil(x) if rounding == "ceil" else math.floor(x)
         out.append(max(min(k, int(m) - 1), lo))
     return out
 
 
-def float32(x: float) -> float:
+def round_float32(x: float) -> float:
     """x rounded to the nearest float32 (ties to even), as a Python float."""
     return _F32.unpack(_F32.pack(x))[0]
 
@@ -655,7 +654,7 @@ class ConfidenceSampler(Sampler):
                 nxt = torch.where(fill, sampled, tokens)
 
                 if exact:  # step_log_prob's dense branch: the same terms, summed the same way
-                    lp = torch.where(fill, log_p, 0.0).sum(-1)
+                    lp = sum_filled(log_p, fill)
                 else:
                     lp = step_log_prob(c_logits, u_logits, act, nxt, fill)
                 for key, value in zip(record, (nxt, fill, act, raw, lp, slp)):
