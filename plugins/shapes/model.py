@@ -257,6 +257,14 @@ class PretrainOptions:
         default=2,
         metadata={"doc": "side of the token patch one transformer position holds", "choices": [1, 2, 4]},
     )
+    checkpoint_minutes: float = field(
+        default=5.0,
+        metadata={
+            "doc": "minutes between resumable checkpoints (<output>.partial.pt; an interrupted run "
+            "started again with the same options continues from it exactly; 0 = none)",
+            "min": 0.0,
+        },
+    )
 
 
 class ShapesMDM(Backbone):

@@ -18,16 +18,21 @@ Command: ``mdmrl pretrain recipes/shapes/pretrain.toml``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mdmrl.errors import UserError
 from mdmrl_plugins.shapes.model import PretrainOptions, ShapesMDM, ShapesMDMConfig, world_config
 
 SamplePair = Callable[[np.random.Generator], tuple[str, np.ndarray]]
@@ -131,7 +136,15 @@ def pretrain(
     losses: list[float] = []
     window: list[float] = []
     curve: list[list[float]] = []
-    for step in range(1, options.steps + 1):
+    state_path = partial_path(output)
+    first = 1
+    if state_path.exists():
+        first, losses, window, curve, earlier = _restore(state_path, options, model, opt, sched, rng)
+        start -= earlier
+        print(f"resuming pretraining at step {first} from {state_path}", file=sys.stderr)
+    interval = options.checkpoint_minutes * 60.0
+    last_save = time.perf_counter()
+    for step in range(first, options.steps + 1):
         batch = make_batch(
             rng, options.batch_size, n, model.mask_token_id, options.null_prompt_prob, sample_pair
         )
@@ -150,6 +163,10 @@ def pretrain(
             if progress is not None:
                 progress(step, {"loss": mean, "lr": opt.param_groups[0]["lr"]})
             window = []
+        if interval > 0 and step < options.steps and time.perf_counter() - last_save >= interval:
+            elapsed = time.perf_counter() - start
+            _checkpoint(state_path, step, elapsed, options, model, opt, sched, rng, losses, window, curve)
+            last_save = time.perf_counter()
 
     tail = losses[-max(1, min(50, len(losses) // 10)) :]
     head = losses[: max(1, min(50, len(losses) // 10))]
@@ -164,4 +181,87 @@ def pretrain(
     }
     model.eval()
     model.save(output, extra=summary)
+    plot_loss(curve, loss_plot_path(output))
+    state_path.unlink(missing_ok=True)
     return summary
+
+
+def partial_path(output: str) -> Path:
+    """Where an unfinished run keeps its resumable state: ``<output>.partial.pt``."""
+    return Path(output).with_name(Path(output).name + ".partial.pt")
+
+
+def loss_plot_path(output: str) -> Path:
+    """The pretraining loss plot written beside the weights: ``<stem>-loss.png``."""
+    p = Path(output)
+    return p.with_name(p.stem + "-loss.png")
+
+
+#: Options that change how a run is watched, not what it computes: a resumed run may differ in them.
+_RUN_ONLY = frozenset({"threads", "checkpoint_minutes", "log_every"})
+
+
+def _checkpoint(path: Path, step, elapsed, options, model, opt, sched, rng, losses, window, curve) -> None:
+    """Write everything the loop reads (weights, optimizer, LR schedule, data rng, loss
+    history) so that a restarted run continues bit for bit; atomic (temp file + rename)."""
+    state = {
+        "step": step,
+        "elapsed_s": elapsed,
+        "options": asdict(options),
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": json.dumps(rng.bit_generator.state),
+        "losses": losses,
+        "window": window,
+        "curve": curve,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _restore(path: Path, options, model, opt, sched, rng):
+    """Load a checkpoint of :func:`_checkpoint`; returns (next step, losses, window, curve,
+    seconds spent before it)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(
+            f"{path}: unreadable pretraining checkpoint ({exc}); delete it to start over"
+        ) from None
+    saved = state.get("options", {})
+    changed = sorted(
+        k for k, v in asdict(options).items() if k not in _RUN_ONLY and (k not in saved or saved[k] != v)
+    )
+    if changed:
+        raise UserError(
+            f"{path}: a partial pretraining with other options ({', '.join(changed)}); "
+            "restore those options to continue it, or delete the file to start over"
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng.bit_generator.state = json.loads(state["rng"])
+    curve = [list(c) for c in state["curve"]]
+    return state["step"] + 1, list(state["losses"]), list(state["window"]), curve, float(state["elapsed_s"])
+
+
+def plot_loss(curve: list[list[float]], path: Path) -> None:
+    """PNG of the masked loss against the step (log scale on the loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([c[0] for c in curve], [c[1] for c in curve])
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked cross-entropy (nats)")
+    ax.set_title("shapes-mdm pretraining")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

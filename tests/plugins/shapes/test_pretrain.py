@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mdmrl import options as opt_schema
+from mdmrl.errors import UserError
+from mdmrl_plugins.shapes import pretrain as pretrain_mod
 from mdmrl_plugins.shapes import world
 from mdmrl_plugins.shapes.model import PretrainOptions, ShapesMDM, config_path
 from mdmrl_plugins.shapes.pretrain import cosine_mask, lr_factor, make_batch
@@ -126,3 +128,59 @@ def test_out_of_range_options_are_reported():
     problems: list[str] = []
     opt_schema.build(PretrainOptions, {"steps": 0, "lr": -1.0, "null_prompt_prob": 2.0}, "p", problems)
     assert len(problems) == 3 and any("p.steps" in p for p in problems)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_pretraining_resumes_exactly(tmp_path, first_run):
+    """A run killed after its checkpoint at step 11 and started again with the same
+    options ends with the uninterrupted run's weights and loss curve; the partial file
+    is gone and the loss plot is written."""
+    summary, out, _ = first_run
+    opts = PretrainOptions(
+        **{
+            **TINY,
+            "steps": 20,
+            "lr": 3e-3,
+            "warmup": 2,
+            "log_every": 1,
+            "seed": 7,
+            "checkpoint_minutes": 1e-9,
+        }
+    )
+    target = tmp_path / "r.safetensors"
+
+    def stop_at_12(step, _):
+        if step == 12:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        ShapesMDM.pretrain(opts, str(target), stop_at_12)
+    partial = pretrain_mod.partial_path(str(target))
+    assert partial.exists() and not target.exists()
+    resumed = ShapesMDM.pretrain(opts, str(target), None)
+    assert resumed["loss_curve"] == summary["loss_curve"]
+    a, b = ShapesMDM.load(str(out)).state_dict(), ShapesMDM.load(str(target)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not partial.exists()
+    assert pretrain_mod.loss_plot_path(str(target)).stat().st_size > 1000
+
+
+def test_partial_pretraining_with_other_options_is_refused(tmp_path):
+    opts = PretrainOptions(**{**TINY, "steps": 6, "warmup": 1, "log_every": 1, "checkpoint_minutes": 1e-9})
+    target = tmp_path / "r.safetensors"
+
+    def stop(step, _):
+        if step == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        ShapesMDM.pretrain(opts, str(target), stop)
+    changed = PretrainOptions(**{**TINY, "steps": 6, "warmup": 1, "log_every": 1, "checkpoint_minutes": 1e-9, "lr": 1e-2})
+    with pytest.raises(UserError, match=r"partial pretraining with other options \(lr\)"):
+        ShapesMDM.pretrain(changed, str(target), None)
+    pretrain_mod.partial_path(str(target)).write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="unreadable pretraining checkpoint"):
+        ShapesMDM.pretrain(opts, str(target), None)
