@@ -103,7 +103,8 @@ class Trainer:
             )
         kl_beta = float(getattr(loaded.part_options.get("objective"), "kl_beta", 0.0) or 0.0)
         self.reference = None
-        if kl_beta > 0:
+        if kl_beta > 0 or self.recipe.logging.kl_every > 0:
+            # The frozen initial model: the KL penalty's reference and the monitor's.
             self.reference = copy.deepcopy(parts.backbone).eval().requires_grad_(False)
         self.gens = {s: torch.Generator().manual_seed(stream_seed(self.recipe.seed, s)) for s in STREAMS}
         torch.manual_seed(self.recipe.seed)
@@ -202,17 +203,21 @@ class Trainer:
         local = self.dist.local_indices(b)
         trajs, futures = [], []
         bb, sch = self.parts.backbone, self.parts.schedule
-        t0 = time.perf_counter()
+        t_sample = t_reward = 0.0
         for idx in _chunks(local.tolist(), t.rollout_batch):
             ix = torch.tensor(idx, dtype=torch.long)
+            t0 = time.perf_counter()
             with torch.no_grad(), self._autocast():
                 traj = self.parts.sampler.sample(
                     bb, sch, [all_prompts[i] for i in idx], r.sampler.steps, seeds[ix], group_ids[ix]
                 )
+            t1 = time.perf_counter()
             trajs.append(traj)
             futures.append(
                 self.worker.submit(GeneratedBatch(traj.prompts, traj.final_tokens, bb.grid_shape, bb.decode))
             )
+            t_sample += t1 - t0
+            t_reward += time.perf_counter() - t1
         t1 = time.perf_counter()
         results = [f.result() for f in futures]
         t2 = time.perf_counter()
@@ -220,7 +225,8 @@ class Trainer:
         res = concat_results(results)
         total = self.dist.scatter_sum(res.total, local, b)
         comps = {k: self.dist.scatter_sum(v, local, b) for k, v in res.components.items()}
-        timing = {"time_rollout": t1 - t0, "time_reward_wait": t2 - t1}
+        # time_reward: scoring in line plus waiting for background scoring after the rollout.
+        timing = {"time_rollout": t_sample, "time_reward": t_reward + t2 - t1, "time_reward_wait": t2 - t1}
         return traj, total, comps, timing, local, group_ids
 
     def update(self, phase: str, traj: Trajectory, adv_global: torch.Tensor, local: torch.Tensor) -> dict:
@@ -240,12 +246,18 @@ class Trainer:
             params += self.schedule_params
             opts_.append(self.opt_schedule)
             clips.append((self.schedule_params, t.schedule.max_grad_norm, "grad_norm_schedule"))
+        clock = time.perf_counter()
         with torch.no_grad(), self._autocast():
             bb = self.parts.backbone
             cond, uncond = bb.encode_prompts(traj.prompts), bb.null_conditioning(traj.batch_size)
             obj.prepare(
                 Policies(bb, self.parts.schedule, self.parts.sampler, cond, uncond, self.reference), traj
             )
+        times = {
+            "time_prepare": time.perf_counter() - clock,
+            "time_replay_backward": 0.0,
+            "time_optimizer": 0.0,
+        }
         bad = False
         for _ in range(t.epochs):
             perm = torch.randperm(b_global, generator=self.gens["update"])
@@ -257,7 +269,10 @@ class Trainer:
                 for step_terms in groups:
                     for opt in opts_:
                         opt.zero_grad(set_to_none=True)
+                    clock = time.perf_counter()
                     ok = self._accumulate(phase, traj, adv_global, local, mine, step_terms, len(mb), stats)
+                    times["time_replay_backward"] += time.perf_counter() - clock
+                    clock = time.perf_counter()
                     ok = not self.dist.broadcast_flag(not ok)
                     if not ok:
                         bad = True
@@ -270,13 +285,54 @@ class Trainer:
                         stats[label].append(float(norm))
                     for opt in opts_:
                         opt.step()
+                    times["time_optimizer"] += time.perf_counter() - clock
         out = {k: sum(v) / len(v) for k, v in stats.items() if v and k not in ("ratio_min", "ratio_max")}
         if stats.get("ratio_min"):
             out["ratio_min"] = min(stats["ratio_min"])
         if stats.get("ratio_max"):
             out["ratio_max"] = max(stats["ratio_max"])
         out["bad_update"] = float(bad)
+        out.update(times)
         return out
+
+    def kl_to_reference(self, traj: Trajectory, local: torch.Tensor, b_global: int) -> dict:
+        """KL from the frozen initial model to the current one on the rollout tokens.
+
+        Replays every step of the rollout under the reference backbone (same tokens,
+        same schedule actions) and compares with the recorded log-probs of the policy
+        that sampled them, d_t = log pi_ref,t - log pi_theta,t (float32 [B, T], sums over
+        the tokens revealed at step t):
+
+        - ``kl_ref_k3``: mean over samples and steps of exp(d) - d - 1 (the k3 estimator
+          the objectives' kl_beta penalty uses);
+        - ``kl_ref_seq``: mean over samples of sum_t -d_t, the k1 estimate of the KL
+          between the two policies' whole trajectories.
+
+        Both are 0 while the model equals the reference. Returns {} without a reference."""
+        if self.reference is None:
+            return {}
+        rb = self.recipe.train.rollout_batch
+        k3, seq = [], []
+        with torch.no_grad(), self._autocast():
+            for idx in _chunks(list(range(traj.batch_size)), rb):
+                sub = traj.select(torch.tensor(idx, dtype=torch.long))
+                cond = self.reference.encode_prompts(sub.prompts)
+                uncond = self.reference.null_conditioning(sub.batch_size)
+                ref = torch.stack(
+                    [
+                        self.parts.sampler.replay_step(
+                            self.reference, sub, t, cond, uncond
+                        ).model_log_prob.float()
+                        for t in range(sub.num_steps)
+                    ],
+                    dim=1,
+                )
+                d = ref.cpu() - sub.model_log_probs.float().cpu()
+                k3.append((torch.exp(d) - d - 1.0).mean(1))
+                seq.append(-d.sum(1))
+        k3_global = self.dist.scatter_sum(torch.cat(k3).double(), local, b_global)
+        seq_global = self.dist.scatter_sum(torch.cat(seq).double(), local, b_global)
+        return {"kl_ref_k3": float(k3_global.mean()), "kl_ref_seq": float(seq_global.mean())}
 
     def _accumulate(self, phase, traj, adv_global, local, mine, terms, mb_size, stats) -> bool:
         """Backward the loss of this rank's part of one minibatch; False if non-finite."""
@@ -321,6 +377,11 @@ class Trainer:
         for k, v in comps.items():
             row[f"reward/{k}_mean"] = float(v.mean())
             row[f"reward/{k}_std"] = float(v.std(unbiased=False))
+        kl_every = self.recipe.logging.kl_every
+        if kl_every and self.iteration % kl_every == 0:
+            t_kl = time.perf_counter()
+            row.update(self.kl_to_reference(traj, local, total.numel()))
+            timing["time_kl"] = time.perf_counter() - t_kl
         finite = bool(torch.isfinite(total).all())
         t_upd = time.perf_counter()
         if finite:

@@ -123,6 +123,13 @@ class LoggingSpec:
     keep_checkpoints: int = _f(2, doc="how many recent checkpoints to keep", min=1)
     image_every: int = _f(5, doc="iterations between image grids (0 = never)", min=0)
     tensorboard: bool = _f(True, doc="also write TensorBoard event files")
+    kl_every: int = _f(
+        1,
+        doc="iterations between measurements of the KL from the frozen initial model to the "
+        "current one on the rollout tokens (metrics kl_ref_k3 and kl_ref_seq; 0 = never, which "
+        "also spares the reference copy when objective.options.kl_beta = 0)",
+        min=0,
+    )
 
 
 @dataclass

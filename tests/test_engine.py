@@ -137,3 +137,30 @@ def test_reference_schedule_must_be_fixed(toy_registry, toy_recipe):
     toy_recipe.write_text(toy_recipe.read_text().replace('"toy-learned"\n', '"nope"\n'))
     with pytest.raises(ConfigError, match="eval.reference.name"):
         load(toy_recipe)
+
+
+def test_kl_to_the_initial_model_and_the_split_of_an_iteration_are_logged(toy_registry, toy_recipe, tmp_path):
+    """The monitor replays each rollout under the frozen initial model: 0 exactly before
+    the first update, positive once the model has moved; the schedule phase leaves the
+    model (hence the KL's value on the same kind of rollout) alone. Every iteration logs
+    the parts of its wall time, and the report plots both."""
+    rd = run(str(toy_recipe), str(tmp_path / "run"), [], progress=False)
+    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl_ref_k3"] == 0.0 and rows[0]["kl_ref_seq"] == 0.0
+    assert rows[1]["kl_ref_k3"] > 0.0 and all(r["kl_ref_k3"] > 0.0 for r in rows[1:])
+    parts = ("time_rollout", "time_reward", "time_kl", "time_prepare", "time_replay_backward", "time_optimizer")
+    for r in rows:
+        assert all(r[k] >= 0.0 for k in parts), r
+        assert sum(r[k] for k in parts) <= r["time_iteration"] + 1e-6
+        assert r["time_replay_backward"] > 0.0 and r["time_optimizer"] > 0.0
+    assert (rd / "plots" / "kl.png").is_file() and (rd / "plots" / "timing.png").is_file()
+
+
+def test_kl_monitor_can_be_turned_off(toy_registry, toy_recipe, tmp_path):
+    rd = run(str(toy_recipe), str(tmp_path / "run"), ["logging.kl_every=2"], progress=False)
+    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert ["kl_ref_k3" in r for r in rows] == [True, False] * 3
+    rd = run(str(toy_recipe), str(tmp_path / "off"), ["logging.kl_every=0"], progress=False)
+    rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert not any("kl_ref_k3" in r or "time_kl" in r for r in rows)
+    assert not (rd / "plots" / "kl.png").exists()
