@@ -61,6 +61,17 @@ def stream_seed(seed: int, stream: str) -> int:
     return (seed * 1_000_003 + (STREAMS.index(stream) + 1) * 7919) % (2**63 - 1)
 
 
+def kl_steps(num_steps: int, per_measurement: int, measurement: int) -> list[int]:
+    """The steps the KL monitor replays at its ``measurement``-th measurement: every
+    step when ``per_measurement`` is 0 or >= T, else ``per_measurement`` steps spread
+    evenly over [0, T) and shifted by one from one measurement to the next, so that
+    T consecutive measurements replay every step equally often when it divides T."""
+    if per_measurement == 0 or per_measurement >= num_steps:
+        return list(range(num_steps))
+    stride = num_steps / per_measurement
+    return sorted({(measurement + int(j * stride)) % num_steps for j in range(per_measurement)})
+
+
 def _chunks(seq: list, size: int) -> list[list]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
@@ -308,10 +319,14 @@ class Trainer:
         - ``kl_ref_seq``: mean over samples of sum_t -d_t, the k1 estimate of the KL
           between the two policies' whole trajectories.
 
-        Both are 0 while the model equals the reference. Returns {} without a reference."""
+        Only the steps :func:`kl_steps` picks are replayed (means over them; the sum
+        over t is T times their mean), so both are unbiased estimates over the
+        rotation. Both are 0 while the model equals the reference. Returns {} without
+        a reference."""
         if self.reference is None:
             return {}
-        rb = self.recipe.train.rollout_batch
+        rb, lg = self.recipe.train.rollout_batch, self.recipe.logging
+        steps = kl_steps(traj.num_steps, lg.kl_steps, self.iteration // max(1, lg.kl_every))
         k3, seq = [], []
         with torch.no_grad(), self._autocast():
             for idx in _chunks(list(range(traj.batch_size)), rb):
@@ -323,13 +338,13 @@ class Trainer:
                         self.parts.sampler.replay_step(
                             self.reference, sub, t, cond, uncond
                         ).model_log_prob.float()
-                        for t in range(sub.num_steps)
+                        for t in steps
                     ],
                     dim=1,
                 )
-                d = ref.cpu() - sub.model_log_probs.float().cpu()
+                d = ref.cpu() - sub.model_log_probs[:, steps].float().cpu()
                 k3.append((torch.exp(d) - d - 1.0).mean(1))
-                seq.append(-d.sum(1))
+                seq.append(-d.mean(1) * traj.num_steps)
         k3_global = self.dist.scatter_sum(torch.cat(k3).double(), local, b_global)
         seq_global = self.dist.scatter_sum(torch.cat(seq).double(), local, b_global)
         return {"kl_ref_k3": float(k3_global.mean()), "kl_ref_seq": float(seq_global.mean())}

@@ -130,6 +130,13 @@ class LoggingSpec:
         "also spares the reference copy when objective.options.kl_beta = 0)",
         min=0,
     )
+    kl_steps: int = _f(
+        2,
+        doc="denoising steps replayed under the reference per KL measurement, rotating through "
+        "the T steps from one measurement to the next (an unbiased estimate at kl_steps/T of the "
+        "cost; 0 = every step)",
+        min=0,
+    )
 
 
 @dataclass

@@ -166,3 +166,19 @@ def test_sampler_revisions_names_an_unknown_revision(tmp_path):
     with pytest.raises(SystemExit) as exc:
         _run("sampler_revisions", tmp_path, "--revs", "no-such-revision", "--models", "shapes-mdm")
     assert "cannot read plugins/cogrpo/sampler.py at 'no-such-revision'" in str(exc.value)
+
+
+def test_iteration_cost_quick(tmp_path, capsys):
+    data = _run("iteration_cost", tmp_path, "--configs", "ablation,fast")
+    res = data["results"]
+    assert set(res) == {"ablation", "fast"}
+    for r in res.values():
+        assert r["ms_per_sample"] > 0
+        for phase in ("model", "schedule"):
+            split = r["phases"][phase]["split_s"]
+            assert sum(split.values()) <= r["phases"][phase]["wall_s"] + 1e-6
+            assert split["time_rollout"] > 0 and split["time_replay_backward"] > 0
+    assert res["ablation"]["phases"]["model"]["split_s"]["time_kl"] == 0.0  # no monitor in that recipe
+    assert res["fast"]["phases"]["model"]["split_s"]["time_kl"] > 0.0
+    assert data["targets"]["per-sample speed-up"]["value"] == res["fast"]["speedup_vs_ablation"]
+    assert "× vs ablation" in capsys.readouterr().out

@@ -164,3 +164,37 @@ def test_kl_monitor_can_be_turned_off(toy_registry, toy_recipe, tmp_path):
     rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert not any("kl_ref_k3" in r or "time_kl" in r for r in rows)
     assert not (rd / "plots" / "kl.png").exists()
+
+
+def test_kl_steps_rotate_through_every_step():
+    from mdmrl.engine import kl_steps
+
+    assert kl_steps(8, 0, 5) == list(range(8)) and kl_steps(3, 4, 0) == [0, 1, 2]
+    assert kl_steps(8, 2, 0) == [0, 4] and kl_steps(8, 2, 1) == [1, 5] and kl_steps(8, 2, 4) == [0, 4]
+    for t, s in ((8, 2), (8, 4), (6, 3), (12, 4)):
+        seen = [x for m in range(t) for x in kl_steps(t, s, m)]
+        assert sorted(seen) == sorted(list(range(t)) * s), (t, s)
+
+
+def test_subsampled_kl_averages_to_the_full_measurement(toy_registry, toy_recipe, tmp_path):
+    """Over T consecutive measurements, the rotating subset's estimates average to the
+    estimate that replays every step (same rollout, same moved model)."""
+    from mdmrl import recipe as rc
+    from mdmrl.build import build_parts
+    from mdmrl.engine import Trainer
+
+    loaded = rc.load(toy_recipe, ["sampler.steps=4", "logging.kl_steps=2"])
+    trainer = Trainer(loaded, build_parts(loaded), tmp_path / "r", torch.device("cpu"), log=lambda s: None)
+    trainer.iterate()  # moves the model away from the reference
+    traj, total, _, _, local, _ = trainer.rollout("model")
+    full_cfg = loaded.recipe.logging
+    sub = []
+    for m in range(4):
+        trainer.iteration = m
+        sub.append(trainer.kl_to_reference(traj, local, total.numel()))
+    full_cfg.kl_steps = 0
+    full = trainer.kl_to_reference(traj, local, total.numel())
+    assert full["kl_ref_k3"] > 0
+    for key in ("kl_ref_k3", "kl_ref_seq"):
+        assert sum(x[key] for x in sub) / 4 == pytest.approx(full[key], rel=1e-5)
+        assert len({round(x[key], 9) for x in sub}) > 1  # the subsets differ
