@@ -2,15 +2,17 @@
 
 An object is a connected component of one colour, 8-connected (tokens that touch at a
 side or a corner join). Each component gets its colour, pixel count, centroid,
-bounding box, a shape class from its geometry (:func:`classify`) and a ``clean`` flag
-(it is exactly one of the world's templates and touches no other non-background
-token). :func:`detect_batch` does this for a whole batch with numpy array operations;
+bounding box, a shape class from its geometry (:func:`classify`), its fit to the
+best-fitting template at any offset (:func:`template_fit`), the number of its tokens
+that touch another object, and a ``clean`` flag (it is exactly one of the world's
+templates and touches no other non-background token). :func:`detect_batch` does this for a whole batch with numpy array operations;
 :func:`find_objects` is the one-grid view. See docs/shapes-world.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -21,6 +23,8 @@ MIN_EXTENT = 3
 MAX_EXTENT = 10
 #: Centroid distance (tokens) a relation needs along its axis.
 RELATION_MARGIN = 2.0
+#: Template fits (IoU) at or below this are reported as 0 (see :func:`template_fit`).
+FIT_THRESHOLD = 0.5
 
 _SQUARE, _CIRCLE, _TRIANGLE = (SHAPES.index(s) for s in ("square", "circle", "triangle"))
 
@@ -34,7 +38,9 @@ class DetectedObject:
     shape: a name in :data:`SHAPES` or None when the geometry matches no shape;
     size: number of tokens; centroid: (row, col) mean position; bbox: (top, left,
     bottom, right), inclusive; clean: an exact template, isolated from other tokens;
-    isolated: no token of another component among its 8 neighbours.
+    isolated: no token of another component among its 8 neighbours; fit: IoU with the
+    best-fitting template at any offset when above FIT_THRESHOLD, else 0; contact:
+    how many of its tokens have a token of another component among their 8 neighbours.
     """
 
     colour: str
@@ -45,6 +51,8 @@ class DetectedObject:
     bbox: tuple[int, int, int, int]
     clean: bool
     isolated: bool
+    fit: float
+    contact: int
 
 
 @dataclass
@@ -53,8 +61,9 @@ class ObjectTable:
     first token of the component in reading order.
 
     batch: grid index; colour: token id; shape: index into SHAPES or -1; area; row,
-    col: centroid; top, left, bottom, right: inclusive bbox; clean, isolated: bool.
-    foreground: int [B], non-background tokens per grid.
+    col: centroid; top, left, bottom, right: inclusive bbox; clean, isolated: bool;
+    fit: float, template IoU above FIT_THRESHOLD or 0; contact: int, tokens touching
+    another component. foreground: int [B], non-background tokens per grid.
     """
 
     batch: np.ndarray
@@ -69,6 +78,8 @@ class ObjectTable:
     right: np.ndarray
     clean: np.ndarray
     isolated: np.ndarray
+    fit: np.ndarray
+    contact: np.ndarray
     foreground: np.ndarray
 
     def span(self, b: int) -> slice:
@@ -90,6 +101,8 @@ class ObjectTable:
                     bbox=(int(self.top[k]), int(self.left[k]), int(self.bottom[k]), int(self.right[k])),
                     clean=bool(self.clean[k]),
                     isolated=bool(self.isolated[k]),
+                    fit=float(self.fit[k]),
+                    contact=int(self.contact[k]),
                 )
             )
         return out
@@ -251,13 +264,14 @@ def detect_batch(tokens) -> ObjectTable:
     )
     shape[colour == CODEBOOK_SIZE] = -1  # ids outside the palette are never a shape
 
-    # isolated: no 8-neighbour token belongs to another component
-    touched = [np.zeros(0, dtype=np.int64)]
-    for la, lb in _neighbour_pairs(lab):
+    # contact: tokens with an 8-neighbour of another component; isolated: none
+    touching = np.zeros(lab.shape, dtype=bool)
+    for (la, lb), (ta, tb) in zip(_neighbour_pairs(lab), _neighbour_pairs(touching)):
         meet = (la >= 0) & (lb >= 0) & (la != lb)
-        touched += [la[meet], lb[meet]]
-    isolated = np.ones(k, dtype=bool)
-    isolated[comp[np.concatenate(touched)]] = False
+        ta |= meet
+        tb |= meet
+    contact = np.bincount(inv, weights=touching.ravel()[pix], minlength=k).astype(np.int64)
+    isolated = contact == 0
 
     exact = np.zeros(k, dtype=bool)
     for name, _, mask in templates():
@@ -282,8 +296,91 @@ def detect_batch(tokens) -> ObjectTable:
         right=right,
         clean=exact & isolated,
         isolated=isolated,
+        fit=_fits(area, colour, bh, bw, inv, rows - top[inv], cols - left[inv]),
+        contact=contact,
         foreground=fg.reshape(b, hw).sum(axis=1),
     )
+
+
+@cache
+def _template_runs() -> tuple[tuple[int, int, int, tuple[tuple[int, int, int], ...]], ...]:
+    """Every template as (area, height, width, runs): one (row, first column, width)
+    per row, each row of a template being one contiguous run."""
+    out = []
+    for _, _, mask in templates():
+        runs = []
+        for r, row in enumerate(mask):
+            cs = np.flatnonzero(row)
+            if len(cs) != cs[-1] - cs[0] + 1:
+                raise ValueError("template rows must be contiguous runs")
+            runs.append((r, int(cs[0]), len(cs)))
+        out.append((int(mask.sum()), *mask.shape, tuple(runs)))
+    return tuple(out)
+
+
+def template_fit(masks: np.ndarray) -> np.ndarray:
+    """Best template IoU of each mask: bool [K, H, W] -> float64 [K].
+
+    max over the world's templates T and over every offset of T (also partly outside
+    the frame, so the result does not depend on where the mask sits) of
+    |mask ∩ T| / |mask ∪ T|; 0 for an empty mask. The overlap at every offset is a
+    sum of one horizontal box sum of the mask per template row.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    k, h, w = masks.shape
+    runs = _template_runs()
+    th = max(t[1] for t in runs)
+    tw = max(t[2] for t in runs)
+    # canvas [rows, columns, K] (the masks last, so every slice below is a run of
+    # contiguous K-vectors): each mask with th - 1 empty rows and tw - 1 empty columns
+    # on each side, plus a leading zero column so that prefix[:, x] = canvas[:, :x].sum(1)
+    z = np.zeros((h + 2 * th - 2, w + 2 * tw - 1, k), dtype=np.uint8)
+    z[th - 1 : th - 1 + h, tw : tw + w] = masks.transpose(1, 2, 0)
+    prefix = z.cumsum(axis=1, dtype=np.uint8)
+    widths = {n for t in runs for _, _, n in t[3]}
+    box = {n: prefix[:, n:] - prefix[:, :-n] for n in widths}  # box[n][:, x] = canvas[:, x:x+n].sum(1)
+    area = masks.reshape(k, -1).sum(axis=1)
+    best = np.zeros(k)
+    for t_area, ht, wt, rows in runs:
+        y0, x0, ny, nx = th - ht, tw - wt, h + ht - 1, w + wt - 1
+        overlap = np.zeros((ny, nx, k), dtype=np.uint8)
+        for r, c0, n in rows:
+            overlap += box[n][y0 + r : y0 + r + ny, x0 + c0 : x0 + c0 + nx]
+        ov = overlap.reshape(-1, k).max(axis=0, initial=0).astype(np.int64)
+        best = np.maximum(best, ov / (area + t_area - ov))
+    return best
+
+
+@cache
+def _fittable_areas() -> np.ndarray:
+    """bool [GRID * GRID + 1]: areas a whose IoU with some template area t can exceed
+    FIT_THRESHOLD (IoU <= min(a, t) / max(a, t))."""
+    a = np.arange(GRID * GRID + 1)[:, None]
+    t = np.array([r[0] for r in _template_runs()])
+    out = (np.minimum(a, t) > FIT_THRESHOLD * np.maximum(a, t)).any(axis=1)
+    out.setflags(write=False)
+    return out
+
+
+def _fits(area, colour, bh, bw, inv, dr, dc) -> np.ndarray:
+    """``fit`` of every component [K]: the template IoU when above FIT_THRESHOLD, else 0.
+
+    Only components whose size allows it are fitted (IoU <= min(a, t) / max(a, t) for
+    areas a and t); inv, dr, dc: component number and offset in its bbox of every
+    foreground token."""
+    cand = np.flatnonzero(_fittable_areas()[area] & (colour != CODEBOOK_SIZE))
+    fit = np.zeros(len(area))
+    if len(cand) == 0:
+        return fit
+    slot = np.full(len(area), -1, dtype=np.int64)
+    slot[cand] = np.arange(len(cand))
+    s = slot[inv]
+    on = s >= 0
+    masks = np.zeros((len(cand), int(bh[cand].max()), int(bw[cand].max())), dtype=bool)
+    masks[s[on], dr[on], dc[on]] = True
+    iou = template_fit(masks)
+    fit[cand] = np.where(iou > FIT_THRESHOLD, iou, 0.0)
+    return fit
 
 
 def find_objects(grid) -> list[DetectedObject]:

@@ -12,10 +12,11 @@ def register_backbones(register):
 
 @hookimpl
 def register_rewarders(register):
-    from mdmrl_plugins.shapes.rewards import ShapesAlignment, ShapesQuality
+    from mdmrl_plugins.shapes.rewards import ShapesAlignment, ShapesClean, ShapesQuality
 
     register(ShapesAlignment)
     register(ShapesQuality)
+    register(ShapesClean)
 
 
 @hookimpl

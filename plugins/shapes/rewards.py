@@ -1,10 +1,16 @@
 """Exact rewards of the shapes world: prompt alignment and image quality.
 
-Both read only the token grid and the prompt text (the prompt is parsed; no scene is
-stored). Formulas, as in docs/shapes-world.md:
+All read only the token grid and the prompt text (the prompt is parsed; no scene is
+stored). Formulas, as in docs/shapes-world.md, over the connected components c of a
+grid (:mod:`.detect`):
 
 - alignment = (requirements met) / (requirements of the prompt), GenEval-style;
-- quality = (tokens in clean objects) / (non-background tokens), 0 for a blank grid.
+- quality = sum_c credit_c * (area_c - contact_c) / (non-background tokens), with
+  credit_c = clip((IoU_c - 1/2) / (1 - 1/2), 0, 1) for IoU_c the overlap with the
+  best-fitting template, and contact_c its tokens touching another component;
+- clean = (tokens in clean objects) / (non-background tokens): the strict quality.
+
+quality and clean are 0 for a blank grid.
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ import torch
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import GeneratedBatch, NoOptions, Rewarder
-from mdmrl_plugins.shapes.detect import DetectedObject, ObjectTable, detect_batch, relation_holds_array
+from mdmrl_plugins.shapes.detect import (
+    FIT_THRESHOLD,
+    DetectedObject,
+    ObjectTable,
+    detect_batch,
+    relation_holds_array,
+)
 from mdmrl_plugins.shapes.grammar import PLURALS, RELATIONS, Requirements, parse
 from mdmrl_plugins.shapes.world import CODEBOOK_SIZE, COLOURS, GRID, SHAPES
 
@@ -40,6 +52,7 @@ class ScoreDetail:
     prompt: str
     alignment: float
     quality: float
+    clean: float
     requirements: tuple[RequirementResult, ...]
     objects: tuple[DetectedObject, ...]
 
@@ -100,11 +113,27 @@ def _check(
     return out
 
 
-def _quality(table: ObjectTable) -> np.ndarray:
-    b = len(table.foreground)
-    clean_area = np.bincount(table.batch[table.clean], weights=table.area[table.clean], minlength=b)
+def _share(table: ObjectTable, tokens: np.ndarray) -> np.ndarray:
+    """sum of ``tokens`` [K] per grid / non-background tokens of the grid; 0 when blank."""
     fg = table.foreground
-    return np.where(fg > 0, clean_area / np.maximum(fg, 1), 0.0).astype(np.float32)
+    total = np.bincount(table.batch, weights=tokens, minlength=len(fg))
+    return np.where(fg > 0, total / np.maximum(fg, 1), 0.0).astype(np.float32)
+
+
+def credit(fit: np.ndarray) -> np.ndarray:
+    """Per-component shape credit clip((IoU - theta) / (1 - theta), 0, 1), theta = FIT_THRESHOLD."""
+    return np.clip((np.asarray(fit) - FIT_THRESHOLD) / (1.0 - FIT_THRESHOLD), 0.0, 1.0)
+
+
+def _quality(table: ObjectTable) -> np.ndarray:
+    """Graded quality [B]: every component's tokens that touch no other component,
+    weighted by its template credit, over the non-background tokens."""
+    return _share(table, credit(table.fit) * (table.area - table.contact))
+
+
+def _clean(table: ObjectTable) -> np.ndarray:
+    """Strict quality [B]: tokens in clean objects over the non-background tokens."""
+    return _share(table, np.where(table.clean, table.area, 0))
 
 
 def _alignment(prompts: list[str], table: ObjectTable) -> np.ndarray:
@@ -136,6 +165,7 @@ def score(prompt: str, grid) -> ScoreDetail:
         prompt=prompt,
         alignment=sum(r.met for r in results) / len(results),
         quality=float(_quality(table)[0]),
+        clean=float(_clean(table)[0]),
         requirements=tuple(results),
         objects=tuple(table.objects(0)),
     )
@@ -187,11 +217,14 @@ class ShapesAlignment(Rewarder):
 
 
 class ShapesQuality(Rewarder):
-    """Image quality in [0, 1]: the fraction of non-background tokens that belong to
-    clean shapes (exact templates touching nothing); 0 for a blank grid."""
+    """Graded image quality in [0, 1]: each object's tokens weighted by how well it
+    fits the closest template (IoU 1/2 or less earns nothing, an exact template
+    everything) and minus the tokens that touch another object, over all
+    non-background tokens; 0 for a blank grid."""
 
     name = "shapes-quality"
     Options = NoOptions
+    _formula = staticmethod(_quality)
 
     def __init__(self, options: NoOptions | None = None):
         self.options = options or NoOptions()
@@ -199,4 +232,12 @@ class ShapesQuality(Rewarder):
     def score(self, batch: GeneratedBatch) -> torch.Tensor:
         """tokens long [B, 256] -> float32 [B] on CPU (prompts are not read)."""
         _check_batch(self.name, batch)
-        return torch.from_numpy(_quality(_detect_shared(batch.tokens)))
+        return torch.from_numpy(self._formula(_detect_shared(batch.tokens)))
+
+
+class ShapesClean(ShapesQuality):
+    """Strict image quality in [0, 1]: the fraction of non-background tokens in clean
+    shapes (exact templates touching nothing); 0 for a blank grid."""
+
+    name = "shapes-clean"
+    _formula = staticmethod(_clean)

@@ -211,3 +211,55 @@ def test_scene_helpers_agree_with_the_detector():
     scene = Scene((ShapeSpec("triangle", "white", 2, 0, 0),))
     (obj,) = find_objects(render(scene))
     assert obj.centroid == pytest.approx(scene.objects[0].centroid)
+
+
+def reference_fit(mask: np.ndarray) -> float:
+    """Best IoU of a mask with any template at any offset, by trying every offset."""
+    area, best = mask.sum(), 0.0
+    h, w = mask.shape
+    for _, _, tmpl in world.templates():
+        th, tw = tmpl.shape
+        for dy in range(-th + 1, h):
+            for dx in range(-tw + 1, w):
+                canvas = np.zeros((h + 2 * th, w + 2 * tw), dtype=bool)
+                canvas[th + dy : 2 * th + dy, tw + dx : 2 * tw + dx] = tmpl
+                overlap = (canvas[th : th + h, tw : tw + w] & mask).sum()
+                best = max(best, overlap / (area + tmpl.sum() - overlap))
+    return best
+
+
+@settings(max_examples=15, deadline=None)
+@given(masks=arrays(bool, (4, 7, 9)))
+def test_template_fit_matches_trying_every_offset(masks):
+    got = detect.template_fit(masks)
+    assert got == pytest.approx([reference_fit(m) for m in masks])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("size", world.SIZES)
+def test_template_fit_is_one_for_every_template_even_cut_by_the_frame(shape, size):
+    mask = world.shape_mask(shape, size)
+    assert detect.template_fit(mask[None]).tolist() == [1.0]
+    frame = np.zeros((1, 12, 12), dtype=bool)
+    frame[0, 2 : 2 + mask.shape[0], 1 : 1 + mask.shape[1]] = mask
+    assert detect.template_fit(frame).tolist() == [1.0]
+    # half of the template outside a frame: IoU = what is left / the template
+    cut = mask[:, : mask.shape[1] // 2 + 1]
+    assert detect.template_fit(cut[None])[0] >= cut.sum() / mask.sum()
+
+
+def test_fit_and_contact_of_detected_objects():
+    grid = put(put(blank(), "square", 1, 2, 2, RED), "square", 1, 2, 6, BLUE)  # side by side
+    grid[12, 12] = GREEN  # a stray token: too small to fit anything
+    grown = put(blank(), "circle", 1, 5, 5, RED)
+    grown[4, 7] = RED  # one token on top of a medium circle: IoU 21 / 22
+    a, b, stray = find_objects(grid)
+    assert (a.fit, a.contact, b.fit, b.contact) == (1.0, 4, 1.0, 4)
+    assert (stray.fit, stray.contact, stray.isolated) == (0.0, 0, True)
+    (obj,) = find_objects(grown)
+    assert obj.fit == pytest.approx(21 / 22) and obj.contact == 0
+    blob = blank()
+    blob[2:4, 2:4] = RED  # best IoU 4/9: at or below FIT_THRESHOLD, reported as 0
+    assert find_objects(blob)[0].fit == 0.0
+    invalid = put(blank(), "square", 1, 2, 2, len(COLOURS) + 1)
+    assert find_objects(invalid)[0].fit == 0.0
