@@ -241,7 +241,11 @@ class Runner:
     def load(self, recipe: str, extra: Sequence[str], seed: int = 0):
         from mdmrl import recipe as rc
 
-        return rc.load(recipe_path(recipe), self.overrides(extra) + [f"seed={seed}"])
+        path = recipe_path(recipe)
+        overrides = self.overrides(extra) + [f"seed={seed}"]
+        # one budget sizes recipes of every mode: keep only the keys this recipe's mode uses
+        # (e.g. no train.schedule in naive mode; train.iterations or train.cycles, not both)
+        return rc.load(path, rc.effective_overrides(rc.read_toml(path), overrides))
 
     def _key(self, kind: str, loaded, plan: dict) -> str:
         from mdmrl.engine import recipe_digest

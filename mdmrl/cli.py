@@ -63,9 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     overrides(s)
 
-    v = sub.add_parser("validate", help="check a recipe (and its plug-ins' options) without running it")
+    v = sub.add_parser(
+        "validate", help="check a recipe (training, evaluation or pretraining) without running it"
+    )
     v.add_argument("recipe")
     overrides(v)
+
+    sub.add_parser(
+        "schema", help="print the JSON Schema of recipes (installed plug-ins included), for editors"
+    )
 
     sub.add_parser("plugins", help="list installed plug-ins and what they register")
 
@@ -91,6 +97,29 @@ def _plugins_table() -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines += [f"error: {e}" for e in reg.errors]
     return "\n".join(lines)
+
+
+def _validate(path: str, overrides: list[str]) -> str:
+    """What `mdmrl validate` prints for a valid recipe of any kind; every problem
+    otherwise (a ConfigError)."""
+    from mdmrl import recipe as rc
+
+    raw = rc.apply_overrides(rc.read_toml(path), overrides)
+    if rc.is_pretrain(raw):
+        spec, options = rc.validate_pretrain(raw, source=path)
+        steps = getattr(options, "steps", None)
+        return (
+            f"{path}: valid pretraining recipe (mdmrl pretrain).\n"
+            f"  backbone={spec.backbone} output={spec.output}" + (f" steps={steps}" if steps else "")
+        )
+    r = rc.validate(raw, source=path).recipe
+    return (
+        f"{path}: valid. {r.description}".rstrip()
+        + f"\n  backbone={r.backbone.name} schedule={r.schedule.name} sampler={r.sampler.name} "
+        f"(T={r.sampler.steps}) objective={r.objective.name} mode={r.train.mode} "
+        f"rewards={', '.join(f'{x.weight}*{x.name}' for x in r.rewards)}"
+        f"\n  plan: {rc.plan_summary(r.train)}"
+    )
 
 
 def _launch_multi(args: argparse.Namespace, argv: list[str]) -> int:
@@ -159,16 +188,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         print(_plugins_table())
         return 0
     if args.command == "validate":
-        from mdmrl import recipe as rc
+        print(_validate(args.recipe, args.overrides))
+        return 0
+    if args.command == "schema":
+        import json
 
-        loaded = rc.load(args.recipe, args.overrides)
-        r = loaded.recipe
-        print(f"{args.recipe}: valid. {r.description}".rstrip())
-        print(
-            f"  backbone={r.backbone.name} schedule={r.schedule.name} sampler={r.sampler.name} "
-            f"(T={r.sampler.steps}) objective={r.objective.name} mode={r.train.mode} "
-            f"rewards={', '.join(f'{x.weight}*{x.name}' for x in r.rewards)}"
-        )
+        from mdmrl.docgen import recipe_schema
+
+        print(json.dumps(recipe_schema(), indent=1))
         return 0
     if args.command == "report":
         from mdmrl.report import report

@@ -14,45 +14,22 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 
-from mdmrl import options as opts
 from mdmrl import recipe as rc
-from mdmrl.errors import ConfigError, PluginLookupError
+from mdmrl.errors import UserError
 from mdmrl.plugins import get_registry
 
 
-@dataclass
-class PretrainSpec:
-    backbone: str = field(metadata={"doc": "registered backbone name"})
-    output: str = field(metadata={"doc": "path of the .safetensors file to write"})
-    options: dict = field(default_factory=dict, metadata={"doc": "the backbone's PretrainOptions"})
-
-
-@dataclass
-class PretrainRecipe:
-    pretrain: PretrainSpec = field(metadata={"doc": "what to pretrain and where to write it"})
-
-
 def load(path: str, overrides: list[str]):
+    """Read and validate a pretraining recipe: (its spec, the backbone class, the
+    backbone's built ``PretrainOptions``)."""
     raw = rc.apply_overrides(rc.read_toml(path), overrides)
-    problems: list[str] = []
-    spec = opts.build(PretrainRecipe, raw, "", problems)
-    built = None
-    if spec is not None:
-        try:
-            cls = get_registry().get("backbone", spec.pretrain.backbone).cls
-        except PluginLookupError as exc:
-            problems.append(f"pretrain.backbone: {exc}")
-            cls = None
-        if cls is not None:
-            if not hasattr(cls, "PretrainOptions"):
-                problems.append(f"pretrain.backbone: {spec.pretrain.backbone!r} does not support pretraining")
-            else:
-                built = opts.build(cls.PretrainOptions, spec.pretrain.options, "pretrain.options", problems)
-    if problems:
-        raise ConfigError(problems, source=path)
-    return spec.pretrain, cls, built
+    if not rc.is_pretrain(raw):
+        raise UserError(
+            f"{path}: not a pretraining recipe (no [pretrain] table); run it with: mdmrl run {path}"
+        )
+    spec, options = rc.validate_pretrain(raw, source=path)
+    return spec, get_registry().get("backbone", spec.backbone).cls, options
 
 
 def pretrain_command(path: str, overrides: list[str]) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import tomllib
 
 from mdmrl import options as opts
-from mdmrl.errors import ConfigError, PluginLookupError, UserError
+from mdmrl.errors import ConfigError, UserError
 
 MODES = ("naive", "schedule_only", "joint", "alternating")
 
@@ -32,30 +34,57 @@ def _f(default: Any = dataclasses.MISSING, doc: str = "", **meta: Any) -> Any:
     return field(default=default, metadata=md)
 
 
-@dataclass
-class PartSpec:
-    name: str = _f(doc="registered name of the implementation (see `mdmrl plugins`)")
-    options: dict = _f({}, doc="options of that implementation, validated by its own schema")
+def fixed_schedule(cls: type) -> str | None:
+    """``accept`` rule of a field that names a schedule: only a fixed one will do."""
+    if getattr(cls, "stochastic", False) or getattr(cls, "needs_features", False):
+        return "is a learned schedule; a fixed schedule is needed here"
+    return None
+
+
+def supports_pretraining(cls: type) -> str | None:
+    """``accept`` rule of ``pretrain.backbone``: the backbone must define ``PretrainOptions``."""
+    return None if hasattr(cls, "PretrainOptions") else "does not support pretraining (no PretrainOptions)"
+
+
+BackboneSpec = opts.plugin_table("BackboneSpec", "backbone", "backbone")
+ScheduleSpec = opts.plugin_table("ScheduleSpec", "schedule", "schedule")
+ReferenceScheduleSpec = opts.plugin_table(
+    "ReferenceScheduleSpec", "schedule", "fixed schedule", accept=fixed_schedule
+)
+ObjectiveSpec = opts.plugin_table("ObjectiveSpec", "objective", "objective")
+PromptSourceSpec = opts.plugin_table("PromptSourceSpec", "prompts", "prompt source")
 
 
 @dataclass
 class SamplerSpec:
-    name: str = _f("confidence", doc="registered sampler name")
+    """The sampler and the training step count."""
+
+    name: str = opts.plugin_name("sampler", "confidence", doc="registered sampler name")
     steps: int = _f(16, doc="denoising steps T used for training rollouts", min=1)
-    options: dict = _f({}, doc="sampler options")
+    options: dict = opts.plugin_options("name", doc="sampler options, validated by its own schema")
 
 
 @dataclass
 class RewardSpec:
-    name: str = _f(doc="registered rewarder name")
-    weight: float = _f(1.0, doc="weight of this component in the total reward")
-    options: dict = _f({}, doc="rewarder options")
+    """One reward component."""
+
+    name: str = opts.plugin_name("rewarder", doc="registered rewarder name")
+    weight: float = _f(1.0, doc="weight of this component in the total reward (negative only with penalty)")
+    penalty: bool = _f(False, doc="declares a negative weight: the component is subtracted")
+    options: dict = opts.plugin_options("name", doc="rewarder options, validated by its own schema")
+
+    def check_options(self) -> list[str]:
+        if self.weight < 0 and not self.penalty:
+            return [f"weight: {self.weight} is negative; set penalty = true to subtract this component"]
+        if self.penalty and self.weight >= 0:
+            return [f"penalty: true, but weight {self.weight} is not negative; a penalty's weight is < 0"]
+        return []
 
 
 @dataclass
 class PromptsSpec:
-    train: PartSpec = _f(doc="training prompt stream")
-    eval: PartSpec | None = _f(
+    train: PromptSourceSpec = _f(doc="training prompt stream")
+    eval: PromptSourceSpec | None = _f(
         None, doc="held-out evaluation prompts (defaults to the training source's list)"
     )
 
@@ -70,18 +99,71 @@ class OptimSpec:
     batch_size: int = _f(16, doc="images per iteration in this phase (prompts x G)", min=2)
     max_grad_norm: float | None = _f(1.0, doc="gradient-norm clip; none to disable", min_exclusive=0.0)
 
+    def check_options(self) -> list[str]:
+        out = []
+        if self.batch_size % self.group_size:
+            out.append(f"batch_size: {self.batch_size} is not a multiple of group_size {self.group_size}")
+        if len(self.betas) != 2:
+            out.append(f"betas: expected 2 numbers, got {len(self.betas)}")
+        return out
+
+
+def _only_alternating(t: TrainSpec) -> str | None:
+    if t.mode != "alternating":
+        return (
+            f'in mode "{t.mode}" (only the alternating mode has cycles; '
+            "this mode runs train.iterations iterations)"
+        )
+    return None
+
+
+def _not_alternating(t: TrainSpec) -> str | None:
+    if t.mode == "alternating":
+        return (
+            'in mode "alternating" (the run is cycles × (model_iterations + schedule_iterations) iterations)'
+        )
+    return None
+
+
+def _trains(phase: str) -> Callable[[TrainSpec], str | None]:
+    """``no_effect`` rule of an optimizer table: the mode never trains that phase."""
+
+    def rule(t: TrainSpec) -> str | None:
+        if t.mode == ("schedule_only" if phase == "model" else "naive"):
+            return f'in mode "{t.mode}" (the {phase} is not trained, so it has no optimizer)'
+        return None
+
+    return rule
+
 
 @dataclass
 class TrainSpec:
     mode: str = _f("alternating", doc="which parameters train, and when", choices=list(MODES))
-    iterations: int = _f(10, doc="iterations for the naive, schedule_only and joint modes", min=1)
-    cycles: int = _f(1, doc="alternating mode: number of (model, schedule) cycles", min=1)
-    model_iterations: int = _f(5, doc="alternating mode: N_m model iterations per cycle", min=0)
-    schedule_iterations: int = _f(5, doc="alternating mode: N_s schedule iterations per cycle", min=0)
-    schedule_first: bool = _f(False, doc="alternating mode: start each cycle with the schedule phase")
-    model: OptimSpec = _f(OptimSpec, doc="optimizer and batch of the model (backbone) phase")
+    iterations: int = _f(
+        10,
+        doc="iterations for the naive, schedule_only and joint modes",
+        min=1,
+        no_effect=_not_alternating,
+    )
+    cycles: int = _f(
+        1, doc="alternating mode: number of (model, schedule) cycles", min=1, no_effect=_only_alternating
+    )
+    model_iterations: int = _f(
+        5, doc="alternating mode: N_m model iterations per cycle", min=0, no_effect=_only_alternating
+    )
+    schedule_iterations: int = _f(
+        5, doc="alternating mode: N_s schedule iterations per cycle", min=0, no_effect=_only_alternating
+    )
+    schedule_first: bool = _f(
+        False, doc="alternating mode: start each cycle with the schedule phase", no_effect=_only_alternating
+    )
+    model: OptimSpec = _f(
+        OptimSpec, doc="optimizer and batch of the model (backbone) phase", no_effect=_trains("model")
+    )
     schedule: OptimSpec = _f(
-        lambda: OptimSpec(lr=1e-4, group_size=8), doc="optimizer and batch of the schedule phase"
+        lambda: OptimSpec(lr=1e-4, group_size=8),
+        doc="optimizer and batch of the schedule phase",
+        no_effect=_trains("schedule"),
     )
     epochs: int = _f(1, doc="passes over each rollout batch", min=1)
     minibatches: int = _f(1, doc="optimizer steps per pass (the batch is split)", min=1)
@@ -100,6 +182,11 @@ class TrainSpec:
     background_rewards: bool = _f(False, doc="score rollout chunks on a background thread while sampling")
     max_bad_updates: int = _f(3, doc="non-finite rewards/losses in a row before the run stops", min=1)
 
+    def check_options(self) -> list[str]:
+        if self.mode == "alternating" and self.model_iterations + self.schedule_iterations < 1:
+            return ["model_iterations + schedule_iterations: must be at least 1"]
+        return []
+
 
 @dataclass
 class EvalSpec:
@@ -109,7 +196,7 @@ class EvalSpec:
     before: bool = _f(True, doc="evaluate the untrained policies before training")
     after: bool = _f(True, doc="evaluate after training")
     deterministic_schedule: bool = _f(True, doc="use the schedule policy's mean action at evaluation")
-    reference: PartSpec | None = _f(
+    reference: ReferenceScheduleSpec | None = _f(
         None,
         doc="a fixed schedule under which `mdmrl run` also evaluates the base model before "
         "training (label 'reference'), e.g. the guided schedule the base model is usually "
@@ -141,10 +228,12 @@ class LoggingSpec:
 
 @dataclass
 class Recipe:
-    backbone: PartSpec = _f(doc="the masked diffusion model")
-    schedule: PartSpec = _f(doc="fixed schedule or learned schedule policy")
+    """A training recipe (`mdmrl run`; also read by `mdmrl eval` and `mdmrl sample`)."""
+
+    backbone: BackboneSpec = _f(doc="the masked diffusion model")
+    schedule: ScheduleSpec = _f(doc="fixed schedule or learned schedule policy")
     rewards: list[RewardSpec] = _f(doc="reward components, summed with their weights")
-    objective: PartSpec = _f(doc="the policy-gradient objective")
+    objective: ObjectiveSpec = _f(doc="the policy-gradient objective")
     prompts: PromptsSpec = _f(doc="where prompts come from")
     sampler: SamplerSpec = _f(SamplerSpec, doc="the sampler and the training step count")
     seed: int = _f(0, doc="seed of every random stream of the run", min=0)
@@ -153,6 +242,62 @@ class Recipe:
     train: TrainSpec = _f(TrainSpec, doc="the training engine")
     eval: EvalSpec = _f(EvalSpec, doc="held-out evaluation")
     logging: LoggingSpec = _f(LoggingSpec, doc="checkpoints, images, logs")
+
+    def check_options(self) -> list[str]:
+        out = []
+        rewards = [r for r in self.rewards if r is not None]
+        if not self.rewards:
+            out.append("rewards: at least one [[rewards]] component is required")
+        elif rewards and not any(r.weight != 0 for r in rewards):
+            out.append("rewards: every weight is 0; at least one must be non-zero")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            out.append(f"device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+        if self.train.mode != "naive" and _is_fixed_schedule(self.schedule.name):
+            out.append(
+                f"train.mode: {self.train.mode!r} trains the schedule, but schedule "
+                f'{self.schedule.name!r} is a fixed one with nothing to train; use mode = "naive" '
+                'or a learned schedule such as "gaussian"'
+            )
+        return out
+
+
+def _is_fixed_schedule(name: str) -> bool:
+    from mdmrl.plugins import get_registry
+
+    found = get_registry().parts["schedule"].get(name)
+    return found is not None and fixed_schedule(found.cls) is None
+
+
+@dataclass
+class PretrainSpec:
+    backbone: str = opts.plugin_name(
+        "backbone",
+        doc="registered backbone name (one that supports pretraining)",
+        accept=supports_pretraining,
+    )
+    output: str = _f(doc="path of the .safetensors file to write")
+    options: dict = opts.plugin_options(
+        "backbone", doc="the backbone's PretrainOptions", attribute="PretrainOptions"
+    )
+
+
+@dataclass
+class PretrainRecipe:
+    """A pretraining recipe (`mdmrl pretrain`): a table `[pretrain]` and nothing else."""
+
+    pretrain: PretrainSpec = _f(doc="what to pretrain and where to write it")
+
+
+def plan_summary(t: TrainSpec) -> str:
+    """The run's plan in one line, e.g. "72 iterations: 3 cycles x (16 model + 8 schedule)"."""
+    if t.mode == "alternating":
+        phases = [f"{t.model_iterations} model", f"{t.schedule_iterations} schedule"]
+        if t.schedule_first:
+            phases.reverse()
+        total = t.cycles * (t.model_iterations + t.schedule_iterations)
+        return f"{total} iterations: {t.cycles} cycles × ({' + '.join(phases)})"
+    what = {"naive": "model only", "schedule_only": "schedule only", "joint": "model and schedule together"}
+    return f"{t.iterations} iterations: {t.mode} mode ({what[t.mode]})"
 
 
 @dataclass
@@ -214,119 +359,111 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return data
 
 
-# -- loading ----------------------------------------------------------------------
+# -- loading ----------------------------------------------------------------------------------
 def read_toml(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: recipe file not found")
     if p.is_dir():
         raise UserError(f"{p}: is a directory, expected a .toml recipe file")
+    data = p.read_bytes()
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{p}: not a UTF-8 text file (invalid byte at line {line})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{p}: TOML syntax error: {exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: not a UTF-8 text file") from None
+        raise UserError(f"{p}: TOML syntax error: {exc}{_quote_line(text, str(exc))}") from None
 
 
-def _part_specs(raw: dict) -> list[tuple[str, str, Any, Any]]:
-    """(dotted path, kind, name, options table) for each part the raw recipe names.
-
-    Read from the raw table (not the built dataclass) so that plug-in names and
-    options are checked even when other sections have problems."""
-
-    def get(table: Any, key: str) -> Any:
-        return table.get(key) if isinstance(table, dict) else None
-
-    specs = []
-    for path, kind in (
-        ("backbone", "backbone"),
-        ("schedule", "schedule"),
-        ("sampler", "sampler"),
-        ("objective", "objective"),
-    ):
-        specs.append((path, kind, get(raw.get(path), "name"), get(raw.get(path), "options")))
-    prompts = raw.get("prompts")
-    for sub in ("train", "eval"):
-        t = get(prompts, sub)
-        if t is not None:
-            specs.append((f"prompts.{sub}", "prompts", get(t, "name"), get(t, "options")))
-    ref = get(raw.get("eval"), "reference")
-    if ref is not None:
-        specs.append(("eval.reference", "schedule", get(ref, "name"), get(ref, "options")))
-    rewards = raw.get("rewards")
-    if isinstance(rewards, list):
-        for i, r in enumerate(rewards):
-            specs.append((f"rewards[{i}]", "rewarder", get(r, "name"), get(r, "options")))
-    if "sampler" not in raw:
-        specs[2] = ("sampler", "sampler", SamplerSpec().name, None)
-    return specs
+def _quote_line(text: str, message: str) -> str:
+    """The line a TOML error points at, quoted (it names the key or table)."""
+    found = re.search(r"at line (\d+)", message)
+    lines = text.splitlines()
+    if not found or not 1 <= int(found.group(1)) <= len(lines):
+        return ""
+    line = lines[int(found.group(1)) - 1].strip()
+    return f": {line[:80]!r}" if line else ""
 
 
-def _semantic_checks(recipe: Recipe, problems: list[str]) -> None:
-    t = recipe.train
-    for phase in ("model", "schedule"):
-        o: OptimSpec = getattr(t, phase)
-        if o.batch_size % o.group_size:
-            problems.append(
-                f"train.{phase}.batch_size: {o.batch_size} is not a multiple of "
-                f"train.{phase}.group_size {o.group_size}"
-            )
-        if len(o.betas) != 2:
-            problems.append(f"train.{phase}.betas: expected 2 numbers, got {len(o.betas)}")
-    if t.mode == "alternating" and t.model_iterations + t.schedule_iterations < 1:
-        problems.append("train.model_iterations + train.schedule_iterations: must be at least 1")
-    if not recipe.rewards:
-        problems.append("rewards: at least one [[rewards]] component is required")
-    if recipe.rewards and not any(r.weight != 0 for r in recipe.rewards):
-        problems.append("rewards: every weight is 0; at least one must be non-zero")
-    for i, r in enumerate(recipe.rewards):
-        if not math.isfinite(r.weight):
-            problems.append(f"rewards[{i}].weight: must be a finite number")
-    if recipe.device not in ("auto", "cpu") and not recipe.device.startswith("cuda"):
-        problems.append(f"device: {recipe.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+def is_pretrain(raw: dict) -> bool:
+    """A recipe with a top-level ``[pretrain]`` table is a pretraining recipe."""
+    return "pretrain" in raw
+
+
+def _build(cls: type, raw: dict, source: str) -> tuple[Any, dict[str, Any]]:
+    """Build ``cls`` from ``raw``; raise :class:`ConfigError` listing every problem.
+    Returns the instance and the built options of each part, by the part's path."""
+    problems: list[str] = []
+    built: dict[str, Any] = {}
+    instance = opts.build(cls, raw, "", problems, built)
+    if problems:
+        raise ConfigError(problems, source=source)
+    parts = {path[: -len(".options")]: o for path, o in built.items() if path.endswith(".options")}
+    return instance, parts
 
 
 def validate(raw: dict, source: str = "<memory>") -> LoadedRecipe:
-    """Validate a recipe table and every plug-in's options; raise :class:`ConfigError`
-    listing every problem at once."""
-    from mdmrl.plugins import get_registry
-
-    problems: list[str] = []
-    recipe = opts.build(Recipe, raw, "", problems)
-    if recipe is not None:
-        _semantic_checks(recipe, problems)
-    part_options: dict[str, Any] = {}
-    registry = get_registry()
-    for path, kind, name, table in _part_specs(raw):
-        if not isinstance(name, str):
-            continue  # reported by the schema above
-        try:
-            reg = registry.get(kind, name)
-        except PluginLookupError as exc:
-            problems.append(f"{path}.name: {exc}")
-            continue
-        if path == "eval.reference" and (
-            getattr(reg.cls, "stochastic", False) or getattr(reg.cls, "needs_features", False)
-        ):
-            problems.append(
-                f"eval.reference.name: {name!r} is a learned schedule; the reference must be a fixed one"
-            )
-            continue
-        if table is not None and not isinstance(table, dict):
-            continue  # reported by the schema above
-        built = opts.build(reg.cls.Options, table or {}, f"{path}.options", problems)
-        part_options[path] = built
-    if problems:
-        raise ConfigError(problems, source=source)
-    return LoadedRecipe(recipe=recipe, part_options=part_options, source=source, raw=raw)
+    """Validate a training recipe and every plug-in's options, at every depth; raise
+    :class:`ConfigError` listing every problem at once."""
+    recipe, parts = _build(Recipe, raw, source)
+    return LoadedRecipe(recipe=recipe, part_options=parts, source=source, raw=raw)
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
-    """Read, override and validate a recipe file."""
-    raw = read_toml(path)
-    raw = apply_overrides(raw, overrides or [])
-    return validate(raw, source=str(path))
+def validate_pretrain(raw: dict, source: str = "<memory>") -> tuple[PretrainSpec, Any]:
+    """Validate a pretraining recipe; returns its spec and the backbone's built
+    ``PretrainOptions``."""
+    recipe, parts = _build(PretrainRecipe, raw, source)
+    return recipe.pretrain, parts["pretrain"]
+
+
+def drop_ineffective(raw: dict) -> dict:
+    """A copy of a training recipe without the keys that have no effect in it (a run
+    directory written by an earlier version may hold some)."""
+    import copy
+
+    data = copy.deepcopy(raw)
+    for path in opts.ineffective(Recipe, raw):
+        *parents, last = _segments(path)
+        node: Any = data
+        for k in parents:
+            node = node[k]
+        del node[last]
+    return data
+
+
+def _segments(path: str) -> list[str | int]:
+    """ "rewards[0].options" -> ["rewards", 0, "options"]."""
+    out: list[str | int] = []
+    for part in path.split("."):
+        name, *indices = part.replace("]", "").split("[")
+        out.append(name)
+        out += [int(i) for i in indices]
+    return out
+
+
+def effective_overrides(raw: dict, overrides: list[str]) -> list[str]:
+    """The ``overrides`` that have an effect on ``raw`` once all are applied (for
+    scripts that size several recipes of different modes with one list)."""
+    ignored = opts.ineffective(Recipe, apply_overrides(raw, overrides))
+
+    def path(text: str) -> str:
+        keys = parse_override(text)[0]
+        return "".join(f"[{k}]" if k.isdigit() else f".{k}" for k in keys).lstrip(".")
+
+    return [o for o in overrides if not any(path(o) == p or path(o).startswith(p + ".") for p in ignored)]
+
+
+def load(path: str | Path, overrides: list[str] | None = None, run_dir: bool = False) -> LoadedRecipe:
+    """Read, override and validate a training recipe file. ``run_dir``: the file is a
+    run directory's resolved recipe, whose keys without effect (written by earlier
+    versions) are dropped instead of refused."""
+    raw = apply_overrides(read_toml(path), overrides or [])
+    if is_pretrain(raw) and not run_dir:
+        raise UserError(f"{path}: a pretraining recipe ([pretrain]); run it with: mdmrl pretrain {path}")
+    return validate(drop_ineffective(raw) if run_dir else raw, source=str(path))
 
 
 def dump_toml(data: Any, prefix: str = "") -> str:
@@ -378,19 +515,17 @@ def _value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
-def resolved_dict(loaded: LoadedRecipe) -> dict:
-    """The recipe with every default filled in, plug-in options included."""
-    data = opts.to_dict(loaded.recipe)
+def resolved_dict(loaded: LoadedRecipe, effective: bool = False) -> dict:
+    """The recipe with every default filled in, plug-in options included. With
+    ``effective``, keys without effect in it are left out (so that it validates again)."""
+    data = opts.to_dict(loaded.recipe, effective)
     for path, o in loaded.part_options.items():
         if o is None:
             continue
-        od = opts.to_dict(o)
-        if path.startswith("rewards["):
-            data["rewards"][int(path[8:-1])]["options"] = od
-        elif path.startswith("prompts."):
-            data["prompts"][path.split(".")[1]]["options"] = od
-        elif path == "eval.reference":
-            data["eval"]["reference"]["options"] = od
-        else:
-            data[path]["options"] = od
+        *parents, last = _segments(path)
+        node: Any = data
+        for k in parents:
+            node = node[k]
+        if last in node:
+            node[last]["options"] = opts.to_dict(o, effective)
     return data

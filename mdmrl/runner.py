@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -65,7 +67,9 @@ def run_eval(parts: Parts, loaded: rc.LoadedRecipe, label: str, out_dir: Path, s
                     out_dir / f"{label}@{t}.png",
                 )
         res["actions"] = schedule_actions(parts, t)
-        (out_dir / f"{label}@{t}.json").write_text(json.dumps(res, indent=1))
+        tmp = out_dir / f".{label}@{t}.json.tmp"  # whole or absent, even if the run is killed here
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, out_dir / f"{label}@{t}.json")
         results[t] = res
     return results
 
@@ -105,14 +109,14 @@ def summary(before: dict, after: dict, reference: dict | None = None, reference_
     return "\n".join(lines) + "\n"
 
 
-def run_reference_eval(parts: Parts, loaded: rc.LoadedRecipe, eval_dir: Path, device: torch.device) -> None:
+def run_reference_eval(
+    parts: Parts, loaded: rc.LoadedRecipe, eval_dir: Path, device: torch.device, steps: list[int]
+) -> None:
     """Evaluate the base model under the recipe's fixed ``eval.reference`` schedule."""
     spec = loaded.recipe.eval.reference
     ctx = BuildContext(device=device, backbone=parts.backbone, recipe_dir=loaded.directory)
     ref = build_part(loaded, "eval.reference", "schedule", spec.name, ctx)
-    run_eval(
-        dataclasses.replace(parts, schedule=ref), loaded, "reference", eval_dir, loaded.recipe.eval.steps
-    )
+    run_eval(dataclasses.replace(parts, schedule=ref), loaded, "reference", eval_dir, steps)
 
 
 def load_eval(out_dir: Path, label: str) -> dict:
@@ -120,6 +124,13 @@ def load_eval(out_dir: Path, label: str) -> dict:
     for p in sorted(out_dir.glob(f"{label}@*.json")):
         found[int(p.stem.split("@")[1])] = json.loads(p.read_text())
     return found
+
+
+def missing_steps(out_dir: Path, label: str, steps: list[int]) -> list[int]:
+    """The step counts of ``steps`` without a finished ``<label>@<T>.json`` (a run
+    stopped during an evaluation redoes only what it had not written)."""
+    done = load_eval(out_dir, label)
+    return [t for t in steps if t not in done]
 
 
 def run(
@@ -132,16 +143,16 @@ def run(
 ) -> Path:
     """Start (or resume) a run; returns the run directory."""
     dist = setup()
+    fresh = not resume  # a new run, or a resumed one that never reached a checkpoint
     if resume:
         rd = Path(resume)
         if not (rd / "recipe.toml").is_file():
             raise UserError(f"{rd}: not a run directory (no recipe.toml); nothing to resume")
         if overrides:
             raise UserError("--set cannot be combined with --resume: a resumed run keeps its recipe")
-        loaded = rc.load(rd / "recipe.toml")
+        loaded = rc.load(rd / "recipe.toml", run_dir=True)
         found = ckpt.list_checkpoints(rd / "checkpoints")
-        if not found:
-            raise UserError(f"{rd}/checkpoints: no complete checkpoint to resume from")
+        fresh = not found
     else:
         if recipe_path is None:
             raise UserError("run: a RECIPE or --resume RUN_DIR is required")
@@ -154,23 +165,31 @@ def run(
         device = torch.device("cuda", dist.local_rank)
     parts = build_parts(loaded, device)  # weights load here: fails before the run dir exists
     trainer = Trainer(loaded, parts, rd, device, dist, log=_log)
-    if resume:
+    if dist.is_main:
+        _log(f"mdmrl: plan: {rc.plan_summary(loaded.recipe.train)}")
+    if not fresh:
         trainer.restore(found[-1])
         _log(f"mdmrl: resuming {rd} after iteration {trainer.iteration} of {len(trainer.plan)}")
+    elif resume:
+        _log(f"mdmrl: {rd} has no checkpoint yet; starting it again from iteration 0 with its saved recipe")
+        if dist.is_main:  # TensorBoard events of the stopped attempt would repeat
+            shutil.rmtree(rd / "tb", ignore_errors=True)  # (metrics.jsonl is truncated by the trainer)
     elif dist.is_main:
         rundir.create(rd, overwrite)
         (rd / "recipe.toml").write_text(
             f"# Resolved recipe of this run (source: {loaded.source}).\n"
-            f"# Resume: mdmrl run --resume {rd}\n" + rc.dump_toml(rc.resolved_dict(loaded))
+            f"# Resume: mdmrl run --resume {rd}\n" + rc.dump_toml(rc.resolved_dict(loaded, effective=True))
         )
         (rd / "environment.json").write_text(json.dumps(rundir.environment(), indent=2))
     dist.barrier()
     e = loaded.recipe.eval
     eval_dir = rd / "eval"
-    if dist.is_main and e.before and not load_eval(eval_dir, "base"):
-        run_eval(parts, loaded, "base", eval_dir, e.steps)
-    if dist.is_main and e.before and e.reference is not None and not load_eval(eval_dir, "reference"):
-        run_reference_eval(parts, loaded, eval_dir, device)
+    if dist.is_main and e.before:
+        run_eval(parts, loaded, "base", eval_dir, missing_steps(eval_dir, "base", e.steps))
+    if dist.is_main and e.before and e.reference is not None:
+        steps = missing_steps(eval_dir, "reference", e.steps)
+        if steps:
+            run_reference_eval(parts, loaded, eval_dir, device, steps)
     status = _train_with_progress(trainer, progress and dist.is_main)
     if dist.is_main and status == "done":
         if e.after:
@@ -225,13 +244,15 @@ def load_for_eval(
         found = ckpt.list_checkpoints(ck / "checkpoints")
         if not found:
             raise UserError(f"{ck}/checkpoints: no complete checkpoint")
-        recipe_path = recipe_path or str(ck / "recipe.toml")
-        ck = found[-1]
-    if recipe_path is None and ck is not None:
-        recipe_path = str(ck.parent.parent / "recipe.toml")
+        ck, run_dir = found[-1], ck
+    elif ck is not None:
+        run_dir = ck.parent.parent
+    from_run = recipe_path is None and ck is not None  # the run directory's resolved recipe
+    if from_run:
+        recipe_path = str(run_dir / "recipe.toml")
     if recipe_path is None:
         raise UserError("a RECIPE (or --checkpoint inside a run directory) is required")
-    loaded = rc.load(recipe_path, overrides)
+    loaded = rc.load(recipe_path, overrides, run_dir=from_run)
     parts = build_parts(loaded, resolve_device(loaded.recipe.device))
     if ck is not None:
         ckpt.load(ck, parts.backbone, parts.schedule)

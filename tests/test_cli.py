@@ -174,7 +174,77 @@ BAD_RECIPES = [
         "schedule phase with a fixed schedule",
         lambda t: _sub(t, 'name = "toy-learned"', 'name = "toy-cosine"'),
         [],
-        "has no trainable parameters",
+        "train.mode: 'alternating' trains the schedule, but schedule 'toy-cosine' is a fixed one",
+    ),
+    (
+        "rewards as strings",
+        lambda t: t.replace(
+            '[[rewards]]\nname = "toy-count"\nweight = 1.0\n[rewards.options]\ntarget = 1\n', ""
+        ).replace("seed = 3", 'seed = 3\nrewards = ["toy-count"]'),
+        [],
+        "rewards[0]: expected a table, got string 'toy-count'",
+    ),
+    (
+        "negative weight without penalty",
+        lambda t: _sub(t, "weight = 1.0", "weight = -1.0"),
+        [],
+        "rewards[0].weight: -1.0 is negative; set penalty = true",
+    ),
+    (
+        "penalty with a positive weight",
+        lambda t: _sub(t, "weight = 1.0", "weight = 1.0\npenalty = true"),
+        [],
+        "rewards[0].penalty: true, but weight 1.0 is not negative",
+    ),
+    (
+        "nan weight",
+        lambda t: _sub(t, "weight = 1.0", "weight = nan"),
+        [],
+        "rewards[0].weight: must be a finite",
+    ),
+    (
+        "iterations in alternating mode",
+        lambda t: _sub(t, "cycles = 2", "cycles = 2\niterations = 8"),
+        [],
+        'train.iterations: has no effect in mode "alternating"',
+    ),
+    (
+        "iterations in alternating mode, from --set",
+        lambda t: t,
+        ["--set", "train.iterations=8"],
+        'train.iterations: has no effect in mode "alternating"',
+    ),
+    (
+        "cycles in naive mode",
+        lambda t: _sub(t, 'mode = "alternating"', 'mode = "naive"').replace(
+            "[train.schedule]\nlr = 0.05\ngroup_size = 4\nbatch_size = 8\n", ""
+        ),
+        [],
+        'train.cycles: has no effect in mode "naive"',
+    ),
+    (
+        "schedule optimizer in naive mode",
+        lambda t: t,
+        ["--set", "train.mode=naive", "--set", "train.schedule.lr=0.1"],
+        'train.schedule: has no effect in mode "naive"',
+    ),
+    (
+        "learned schedule as the evaluation reference",
+        lambda t: _sub(t, "seeds = 2", 'seeds = 2\nreference = { name = "toy-learned" }'),
+        [],
+        "eval.reference.name: 'toy-learned' is a learned schedule; a fixed schedule is needed here",
+    ),
+    (
+        "reference options unknown",
+        lambda t: _sub(t, "seeds = 2", 'seeds = 2\nreference = { name = "toy-cosine", options = { s = 3 } }'),
+        [],
+        "eval.reference.options.s: unknown key",
+    ),
+    (
+        "duplicate key",
+        lambda t: _sub(t, "seed = 3", "seed = 3\nseed = 4"),
+        [],
+        "Cannot overwrite a value (at line 3, column 9): 'seed = 4'",
     ),
     (
         "mixed precision choice",
@@ -233,14 +303,6 @@ def test_existing_run_dir_and_unwritable_parent(toy_registry, tmp_path, capsys):
         ro.mkdir(mode=0o500)
         assert main(["run", path, "--run-dir", str(ro / "x"), "--no-progress"]) == 2
         assert "not writable" in capsys.readouterr().err
-
-
-def test_resume_with_no_checkpoint(toy_registry, tmp_path, capsys):
-    rd = tmp_path / "r"
-    rd.mkdir()
-    (rd / "recipe.toml").write_text(TOY_RECIPE)
-    assert main(["run", "--resume", str(rd)]) == 2
-    assert "no complete checkpoint to resume from" in capsys.readouterr().err
 
 
 def test_all_problems_are_listed_at_once(toy_registry, tmp_path, capsys):
@@ -359,3 +421,55 @@ def test_eval_writes_geneval_and_dpg_layouts(toy_registry, tmp_path, capsys):
     assert sorted(p.name for p in out2.iterdir()) == ["a1.png", "b2.png"]
     w, h = Image.open(out2 / "a1.png").size
     assert (w, h) == (2 * 4, 2 * 3)  # 2x2 tiles of the 3x4 toy images
+
+
+ROOT = TESTS.parent
+
+
+def test_validate_accepts_every_recipe_kind_and_prints_the_plan(capsys):
+    assert main(["validate", str(ROOT / "recipes/shapes/co_grpo.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 72 iterations: 3 cycles × (16 model + 8 schedule)" in out
+    assert main(["validate", str(ROOT / "recipes/shapes/naive_grpo.toml")]) == 0
+    assert "plan: 12 iterations: naive mode (model only)" in capsys.readouterr().out
+    assert main(["validate", str(ROOT / "recipes/shapes/pretrain.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "valid pretraining recipe" in out and "backbone=shapes-mdm" in out and "steps=5000" in out
+
+
+def test_validate_lists_every_problem_of_a_pretraining_recipe(tmp_path, capsys):
+    text = (ROOT / "recipes/shapes/pretrain.toml").read_text()
+    text = _sub(text, 'output = "plugins/shapes/weights/shapes-mdm.safetensors"\n', "colour = 1\n")
+    text = _sub(_sub(text, "steps = 5000", "steps = -1"), "lr = 0.002", 'lr = "fast"\nlayrs = 2')
+    assert main(["validate", _recipe(tmp_path, text)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[1:] == [  # every problem, nested options included, each with its path
+        "  pretrain.colour: unknown key; allowed keys here: backbone, output, options",
+        "  pretrain.output: required, missing",
+        "  pretrain.options.layrs: unknown key; allowed keys here: "
+        + err.split("layrs: unknown key; allowed keys here: ")[1].splitlines()[0],
+        "  pretrain.options.steps: -1 is below the minimum 1",
+        "  pretrain.options.lr: expected float, got string 'fast'",
+    ]
+    assert err.startswith("mdmrl: error: ") and "5 problems:" in err.splitlines()[0]
+
+
+def test_each_command_names_the_other_recipe_kind(tmp_path, capsys):
+    pretrain = str(ROOT / "recipes/shapes/pretrain.toml")
+    assert main(["run", pretrain, "--run-dir", str(tmp_path / "r")]) == 2
+    assert (
+        f"a pretraining recipe ([pretrain]); run it with: mdmrl pretrain {pretrain}"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "r").exists()
+    training = str(ROOT / "recipes/shapes/co_grpo.toml")
+    assert main(["pretrain", training]) == 2
+    assert "not a pretraining recipe (no [pretrain] table); run it with: mdmrl run" in capsys.readouterr().err
+
+
+def test_a_recipe_that_is_not_utf8_names_the_line(toy_registry, tmp_path, capsys):
+    path = tmp_path / "r.toml"
+    path.write_bytes(TOY_RECIPE.encode().replace(b'device = "cpu"', b'device = "c\xffpu"'))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mdmrl: error: {path}: not a UTF-8 text file (invalid byte at line 3)\n"

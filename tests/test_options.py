@@ -84,3 +84,136 @@ def test_to_dict_round_trips():
 def test_wrong_type_for_int(value):
     _, problems = build({"name": "x", "steps": value})
     assert len(problems) == 1 and problems[0].startswith("steps: expected int")
+
+
+def test_non_finite_numbers_are_refused():
+    _, problems = build({"name": "x", "ratio": float("nan"), "inner": {"lr": float("inf")}})
+    assert problems == [
+        "ratio: must be a finite number, got nan",
+        "inner.lr: must be a finite number, got inf",
+    ]
+
+
+# -- options that hold another plug-in's options (the toy registry: tests/toy_plugin.py)
+def _fixed(cls):
+    return "is learned; a fixed one is needed" if getattr(cls, "stochastic", False) else None
+
+
+@dataclass
+class Wrapper:
+    """A plug-in option table that names a rewarder and holds its options."""
+
+    inner: str = opts.plugin_name("rewarder", "toy-count", doc="the wrapped rewarder")
+    inner_options: dict = opts.plugin_options("inner", doc="its options")
+    schedule: str = opts.plugin_name("schedule", "toy-cosine", accept=_fixed)
+    scale: float = field(
+        default=1.0,
+        metadata={"no_effect": lambda w: "with inner = toy-nan" if w.inner == "toy-nan" else None},
+    )
+
+
+Part = opts.plugin_table("Part", "rewarder")
+
+
+@dataclass
+class Holder:
+    wrapped: Wrapper = field(default_factory=Wrapper)
+    parts: list[Part] = field(default_factory=list)
+
+
+def build_holder(table):
+    problems, built = [], {}
+    out = opts.build(Holder, table, "h", problems, built)
+    return out, problems, built
+
+
+def test_nested_plugin_options_are_validated_by_the_named_plugin(toy_registry):
+    out, problems, built = build_holder({"wrapped": {"inner_options": {"target": 2}}})
+    assert problems == [] and out.wrapped.inner_options == {"target": 2}
+    assert built["h.wrapped.inner_options"].target == 2  # the plug-in's own Options, built
+    _, problems, _ = build_holder({"wrapped": {"inner_options": {"target": -1, "tagret": 1}}})
+    assert problems == [
+        "h.wrapped.inner_options.tagret: unknown key; allowed keys here: target",
+        "h.wrapped.inner_options.target: -1 is below the minimum 0",
+    ]
+    # the default name's options are checked too; a plug-in without options refuses any key
+    _, problems, _ = build_holder({"wrapped": {"inner": "toy-nan", "inner_options": {"target": 1}}})
+    assert problems == ["h.wrapped.inner_options.target: unknown key; allowed keys here: (none)"]
+
+
+def test_unknown_or_refused_plugin_names_list_what_is_allowed(toy_registry):
+    _, problems, _ = build_holder({"wrapped": {"inner": "toy-cont", "inner_options": {"x": 1}}})
+    assert problems == ["h.wrapped.inner: Unknown rewarder 'toy-cont'. Available: toy-count, toy-nan."]
+    _, problems, _ = build_holder({"wrapped": {"schedule": "toy-learned"}})
+    assert problems == ["h.wrapped.schedule: 'toy-learned' is learned; a fixed one is needed"]
+    _, problems, _ = build_holder({"wrapped": {"schedule": "nope"}})
+    assert problems == ["h.wrapped.schedule: Unknown schedule 'nope'. Available: toy-cosine."]
+
+
+def test_plugin_tables_in_a_list_are_each_validated(toy_registry):
+    out, problems, built = build_holder({"parts": [{"name": "toy-count", "options": {"target": 3}}]})
+    assert problems == [] and built["h.parts[0].options"].target == 3
+    _, problems, _ = build_holder(
+        {"parts": [{"name": "toy-count", "options": {"target": "3"}}, "toy-nan", {}]}
+    )
+    assert problems == [
+        "h.parts[0].options.target: expected int, got string '3'",
+        "h.parts[1]: expected a table, got string 'toy-nan'",
+        "h.parts[2].name: required, missing",
+    ]
+
+
+def test_a_written_key_without_effect_is_an_error_a_default_is_not(toy_registry):
+    _, problems, _ = build_holder({"wrapped": {"inner": "toy-nan"}})
+    assert problems == []
+    _, problems, _ = build_holder({"wrapped": {"inner": "toy-nan", "scale": 2.0}})
+    assert problems == ["h.wrapped.scale: has no effect with inner = toy-nan; remove it"]
+    assert opts.ineffective(Holder, {"wrapped": {"inner": "toy-nan", "scale": 2.0}}) == ["wrapped.scale"]
+    out, _, _ = build_holder({"wrapped": {"inner": "toy-nan"}})
+    assert "scale" not in opts.to_dict(out.wrapped, effective=True)
+    assert opts.to_dict(out.wrapped)["scale"] == 1.0
+
+
+@dataclass
+class Batch:
+    size: int = 4
+    group: int = 2
+
+    def check_options(self):
+        return (
+            [f"size: {self.size} is not a multiple of group {self.group}"] if self.size % self.group else []
+        )
+
+
+@dataclass
+class Phases:
+    model: Batch = field(default_factory=Batch)
+
+
+def test_check_options_runs_at_every_depth_unless_a_field_of_the_table_failed():
+    problems = []
+    opts.build(Phases, {"model": {"size": 5}}, "train", problems)
+    assert problems == ["train.model.size: 5 is not a multiple of group 2"]
+    problems = []
+    opts.build(Phases, {"model": {"size": 5, "group": "two"}}, "train", problems)
+    assert problems == ["train.model.group: expected int, got string 'two'"]
+
+
+def test_json_schema_of_an_options_class(toy_registry):
+    defs = {}
+    ref = opts.json_schema(Holder, defs)
+    holder = defs[ref["$ref"].split("/")[-1]]
+    wrapper = defs[holder["properties"]["wrapped"]["allOf"][0]["$ref"].split("/")[-1]]
+    assert wrapper["additionalProperties"] is False
+    assert wrapper["properties"]["inner"]["enum"] == ["toy-count", "toy-nan"]
+    assert wrapper["properties"]["schedule"]["enum"] == ["toy-cosine"]
+    branches = wrapper["allOf"][0]["oneOf"]
+    count = next(b for b in branches if b["properties"]["inner"]["enum"] == ["toy-count"])
+    assert "required" not in count  # the default name: the branch applies when `inner` is left out
+    target = defs[count["properties"]["inner_options"]["$ref"].split("/")[-1]]
+    assert target["properties"]["target"] == {
+        "type": "integer",
+        "minimum": 0,
+        "description": "token id that scores 1",
+        "default": 0,
+    }

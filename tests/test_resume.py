@@ -1,6 +1,6 @@
 """Exact resume: a run killed with SIGKILL (between iterations, in the middle of an
-update, in the middle of a checkpoint write) and resumed reproduces, bit for bit, the
-metrics of an uninterrupted run."""
+update, in the middle of a checkpoint write, before its first checkpoint) and resumed
+reproduces, bit for bit, the metrics of an uninterrupted run."""
 
 import json
 import os
@@ -52,6 +52,13 @@ elif kind == "sigint":
         if count[0] == n:
             os.kill(os.getpid(), signal.SIGINT)
     rd.MetricsLog.append = append
+elif kind == "evaluation":
+    import mdmrl.runner as rn
+    real_evaluate = rn.evaluate
+    def evaluate(*a, **k):
+        bomb()
+        return real_evaluate(*a, **k)
+    rn.evaluate = evaluate
 elif kind == "after_metrics":
     import mdmrl.rundir as rd
     real_append = rd.MetricsLog.append
@@ -88,7 +95,18 @@ def reference(tmp_path_factory):
         rd = run(str(recipe), str(tmp / "ref"), [], progress=False)
     finally:
         plugins._REGISTRY = saved
-    return recipe, _rows(rd)
+    return recipe, _rows(rd), _evals(rd)
+
+
+def _evals(run_dir: Path) -> dict:
+    return {p.name: json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("*.json"))}
+
+
+def _kill(recipe: Path, run_dir: Path, kind: str, n: int) -> None:
+    code = BOOT.format(tests=str(TESTS), kind=kind, n=n, recipe=str(recipe), run_dir=str(run_dir))
+    env = {**os.environ, "MDMRL_LOAD_PLUGINS": ""}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -96,12 +114,9 @@ def reference(tmp_path_factory):
     [("after_metrics", 2), ("optimizer_step", 7), ("checkpoint_write", 5), ("checkpoint_write", 8)],
 )
 def test_sigkill_then_resume_reproduces_the_metrics(reference, toy_registry, tmp_path, kind, n):
-    recipe, ref_rows = reference
+    recipe, ref_rows, _ = reference
     run_dir = tmp_path / "killed"
-    code = BOOT.format(tests=str(TESTS), kind=kind, n=n, recipe=str(recipe), run_dir=str(run_dir))
-    env = {**os.environ, "MDMRL_LOAD_PLUGINS": ""}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _kill(recipe, run_dir, kind, n)
     done = ckpt.list_checkpoints(run_dir / "checkpoints")
     assert done, "the killed run wrote no complete checkpoint"
     assert (
@@ -115,7 +130,7 @@ def test_sigkill_then_resume_reproduces_the_metrics(reference, toy_registry, tmp
 def test_resume_rejects_a_corrupt_checkpoint(reference, toy_registry, tmp_path):
     from mdmrl.errors import UserError
 
-    recipe, _ = reference
+    recipe, _, _ = reference
     rd = run(str(recipe), str(tmp_path / "r"), ["train.cycles=1"], progress=False)
     last = ckpt.list_checkpoints(rd / "checkpoints")[-1]
     (last / "backbone.safetensors").write_bytes(b"not a safetensors file")
@@ -126,7 +141,7 @@ def test_resume_rejects_a_corrupt_checkpoint(reference, toy_registry, tmp_path):
 def test_resume_rejects_a_checkpoint_of_another_recipe(reference, toy_registry, tmp_path):
     from mdmrl.errors import UserError
 
-    recipe, _ = reference
+    recipe, _, _ = reference
     rd = run(str(recipe), str(tmp_path / "r"), ["train.cycles=1"], progress=False)
     text = (rd / "recipe.toml").read_text().replace("seed = 3", "seed = 4")
     (rd / "recipe.toml").write_text(text)
@@ -135,7 +150,7 @@ def test_resume_rejects_a_checkpoint_of_another_recipe(reference, toy_registry, 
 
 
 def test_ctrl_c_finishes_the_iteration_checkpoints_and_resumes_exactly(reference, toy_registry, tmp_path):
-    recipe, ref_rows = reference
+    recipe, ref_rows, _ = reference
     run_dir = tmp_path / "int"
     code = BOOT.format(tests=str(TESTS), kind="sigint", n=2, recipe=str(recipe), run_dir=str(run_dir))
     env = {**os.environ, "MDMRL_LOAD_PLUGINS": ""}
@@ -145,3 +160,35 @@ def test_ctrl_c_finishes_the_iteration_checkpoints_and_resumes_exactly(reference
     assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")][-1] == "iter_000002"
     run(None, None, [], resume=str(run_dir), progress=False)
     assert _rows(run_dir) == ref_rows
+
+
+@pytest.mark.parametrize(
+    ("kind", "n", "every"),
+    [("evaluation", 1, 1), ("after_metrics", 2, 100)],
+    ids=["during-initial-evaluation", "after-two-iterations-without-checkpoint"],
+)
+def test_resume_before_the_first_checkpoint_starts_again(
+    reference, toy_registry, tmp_path, capsys, kind, n, every
+):
+    """A run killed before its first checkpoint (during its initial evaluation, or after
+    two iterations with checkpoints every 100) is started again from iteration 0 with
+    the recipe saved in its directory: one line says so, the metric rows written before
+    the kill are not repeated, and rows and evaluations equal the uninterrupted run's."""
+    recipe, ref_rows, ref_evals = reference
+    text = recipe.read_text().replace("checkpoint_every = 1", f"checkpoint_every = {every}")
+    recipe = tmp_path / "toy.toml"
+    recipe.write_text(text)
+    run_dir = tmp_path / "killed"
+    _kill(recipe, run_dir, kind, n)
+    assert not ckpt.list_checkpoints(run_dir / "checkpoints")
+    written = (
+        (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    )
+    assert len(written) == (n if kind == "after_metrics" else 0)
+    capsys.readouterr()
+    run(None, None, [], resume=str(run_dir), progress=False)
+    err = capsys.readouterr().err
+    said = [x for x in err.splitlines() if "has no checkpoint yet" in x]
+    assert len(said) == 1 and "starting it again from iteration 0 with its saved recipe" in said[0], err
+    assert _rows(run_dir) == ref_rows
+    assert _evals(run_dir) == ref_evals

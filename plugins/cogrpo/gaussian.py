@@ -35,6 +35,8 @@ from torch import nn
 
 from mdmrl.errors import PluginLookupError, UserError
 from mdmrl.interfaces import Backbone, BuildContext, SchedulePolicy
+from mdmrl.options import plugin_name, plugin_options
+from mdmrl.recipe import fixed_schedule
 from mdmrl.trajectory import ACTION_FIELDS, NUM_ACTIONS
 
 #: Smallest distance kept from the edge of a component's valid range when a base
@@ -156,15 +158,14 @@ class ScheduleNet(nn.Module):
 class GaussianOptions:
     """Options of the ``gaussian`` schedule policy."""
 
-    base: str = field(
-        default="meissonic",
-        metadata={"doc": "fixed schedule the untrained mean reproduces (any registered fixed schedule)"},
+    base: str = plugin_name(
+        "schedule",
+        "meissonic",
+        doc="fixed schedule the untrained mean reproduces (any registered fixed schedule)",
+        accept=fixed_schedule,
     )
-    base_options: dict = field(
-        default_factory=dict,
-        metadata={
-            "doc": "options of the base schedule, validated by its own schema (e.g. { cfg_scale = 3.0 })"
-        },
+    base_options: dict = plugin_options(
+        "base", doc="options of the base schedule, validated by its own schema (e.g. { cfg_scale = 3.0 })"
     )
     sigma: float = field(
         default=0.1,

@@ -160,7 +160,10 @@ def fixed_actions(schedule: SchedulePolicy, num_steps: int) -> torch.Tensor:
 
 
 def _cfg_field(default: float):
-    return field(default=default, metadata={"doc": "classifier-free guidance scale s (logits u + s (c - u))"})
+    return field(
+        default=default,
+        metadata={"doc": "classifier-free guidance scale s (logits u + s (c - u); >= 0)", "min": 0.0},
+    )
 
 
 def _temp_field(default: float):
