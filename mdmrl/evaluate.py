@@ -20,14 +20,19 @@ def eval_seed(seed_index: int, prompt_index: int) -> int:
     return EVAL_SEED_BASE * (seed_index + 1) + prompt_index
 
 
-def read_prompt_file(path: str) -> tuple[list[str], list[str] | None]:
+def read_prompt_file(path: str, categorize=None) -> tuple[list[str], list[str] | None]:
     """One prompt per line; blank lines and lines starting with '#' are skipped. A line
-    ``category<TAB>prompt`` carries its category (e.g. an HPSv2 style)."""
+    ``category<TAB>prompt`` carries its category (e.g. an HPSv2 style).
+
+    ``categorize`` (a prompt source's :meth:`~mdmrl.interfaces.PromptSource.categorize`)
+    checks every prompt and gives the category of each line that has none (then the
+    categories are always returned); a prompt it rejects with a UserError is reported
+    with the file and line."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: prompt file not found")
-    prompts, cats = [], []
-    for line in p.read_text(encoding="utf-8").splitlines():
+    prompts, cats, lines = [], [], []
+    for number, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if "\t" in line:
@@ -37,8 +42,17 @@ def read_prompt_file(path: str) -> tuple[list[str], list[str] | None]:
         else:
             cats.append("")
             prompts.append(line.strip())
+        lines.append(number)
     if not prompts:
         raise UserError(f"{path}: no prompts (one per line)")
+    if categorize is not None:
+        for i, number in enumerate(lines):
+            try:
+                inferred = categorize([prompts[i]])[0]
+            except UserError as e:
+                raise UserError(f"{path}, line {number}: {e}") from None
+            cats[i] = cats[i] or inferred
+        return prompts, cats
     return prompts, (cats if any(cats) else None)
 
 

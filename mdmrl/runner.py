@@ -274,9 +274,7 @@ def _eval_prompts_from(
     if p.suffix == ".jsonl" and p.is_file():
         prompts, meta = read_geneval_metadata(p)
         return prompts, [str(m.get("tag", "all")) for m in meta], meta, None
-    prompts, cats = read_prompt_file(path)
-    if cats is None:
-        cats = parts.eval_prompts.categorize(prompts)
+    prompts, cats = read_prompt_file(path, parts.eval_prompts.categorize)
     return prompts, cats, None, None
 
 

@@ -11,8 +11,14 @@ Grammar (words are case-insensitive, separated by any whitespace)::
     number   := "two" | "three" | "four"
     relation := "to the left of" | "to the right of" | "above" | "below"
 
+The parser also accepts the plain-English phrasings of :data:`ALIASES` ("one", "the",
+numerals, "left of", "on top of", "under", ...) and trailing punctuation; every such
+prompt parses to the same :class:`Requirements` as its canonical form, which
+:meth:`Requirements.text` writes with the words of :data:`VOCABULARY` only.
+
 The six GenEval task families are the sub-languages in :data:`FAMILIES`; prompts of
-the grammar outside them (``"two red circles"``) parse and score too. A prompt belongs
+the grammar outside them (``"two red circles"``) parse and score too, and
+:attr:`Requirements.category` puts every prompt in one of the six. A prompt belongs
 to the held-out split when it contains a held-out composition (:func:`atoms`,
 :func:`is_heldout`); everything else is training. See docs/shapes-world.md.
 """
@@ -52,7 +58,8 @@ RELATIONS: dict[str, tuple[str, ...]] = {
     "below": ("below",),
 }
 
-#: Every word a grammar prompt can contain (lower case).
+#: Every word a canonical prompt can contain (lower case): the words of
+#: :meth:`Requirements.text`, and of the shapes model's tokenizer.
 VOCABULARY: tuple[str, ...] = tuple(
     sorted(
         {"a", "an", "and"}
@@ -63,6 +70,45 @@ VOCABULARY: tuple[str, ...] = tuple(
         | {w for words in RELATIONS.values() for w in words}
     )
 )
+
+#: Other phrasings the parser accepts, each with the canonical words it stands for.
+#: Their words need not be in VOCABULARY: a prompt is read as its canonical text.
+ALIASES: dict[str, str] = {
+    "one": "a",
+    "1": "a",
+    "the": "a",
+    "2": "two",
+    "3": "three",
+    "4": "four",
+    "left of": "to the left of",
+    "on the left of": "to the left of",
+    "right of": "to the right of",
+    "on the right of": "to the right of",
+    "on top of": "above",
+    "over": "above",
+    "under": "below",
+    "beneath": "below",
+    "underneath": "below",
+}
+
+#: Characters dropped from the end of a prompt.
+TRAILING_PUNCTUATION = ".!?;,"
+
+#: Words that open a phrase -> count (1 means "at least one", singular shape).
+_COUNT_WORDS: dict[str, int] = {"a": 1, "an": 1, **NUMBERS}
+_COUNT_WORDS.update({alias: _COUNT_WORDS[canon] for alias, canon in ALIASES.items() if canon in _COUNT_WORDS})
+#: Relation phrases (canonical and aliases) -> relation, longest first.
+_RELATION_PHRASES: dict[tuple[str, ...], str] = {words: key for key, words in RELATIONS.items()}
+_RELATION_PHRASES.update(
+    {
+        tuple(alias.split()): _RELATION_PHRASES[tuple(canon.split())]
+        for alias, canon in ALIASES.items()
+        if tuple(canon.split()) in _RELATION_PHRASES
+    }
+)
+_RELATION_PHRASES = dict(sorted(_RELATION_PHRASES.items(), key=lambda kv: -len(kv[0])))
+if set(ALIASES) - set(_COUNT_WORDS) - {" ".join(w) for w in _RELATION_PHRASES}:
+    raise AssertionError("every alias stands for a count word or a relation")
 
 DOC = "docs/shapes-world.md"
 
@@ -123,98 +169,174 @@ class Requirements:
             return "color_attr"
         return "two_objects" if not any(coloured) else None
 
+    @property
+    def category(self) -> str:
+        """The GenEval family of any grammar prompt, equal to :attr:`family` where that
+        is not None: "position" for a relation, else "counting" for a count of 2 or
+        more, else for two phrases "color_attr" when a colour is named and
+        "two_objects" when not, and for one phrase "colors" or "single_object"."""
+        objs = self.objects
+        if self.relation is not None:
+            return "position"
+        if any(p.count != 1 for p in objs):
+            return "counting"
+        coloured = any(p.colour is not None for p in objs)
+        if len(objs) == 2:
+            return "color_attr" if coloured else "two_objects"
+        return "colors" if coloured else "single_object"
+
 
 # -- parsing -------------------------------------------------------------------------------
 
 
-def _fail(prompt: str, why: str) -> UserError:
-    return UserError(
-        f"prompt {prompt!r} is outside the shapes grammar ({why}); see {DOC} for the allowed forms"
-    )
+class _Mismatch(Exception):
+    """Words outside the grammar; the message says where and what was expected."""
 
 
-def _phrase(prompt: str, words: list[str], i: int) -> tuple[ObjectPhrase, int]:
+def _phrase(words: tuple[str, ...], i: int) -> tuple[ObjectPhrase, int]:
     if i >= len(words):
-        raise _fail(prompt, "expected 'a', 'an' or a number at the end")
+        raise _Mismatch("expected 'a', 'an' or a number at the end")
     w = words[i]
-    if w in ("a", "an"):
-        count = 1
-    elif w in NUMBERS:
-        count = NUMBERS[w]
-    else:
-        raise _fail(prompt, f"word {i + 1} {w!r}: expected 'a', 'an' or one of {', '.join(NUMBERS)}")
+    if w not in _COUNT_WORDS:
+        raise _Mismatch(f"word {i + 1} {w!r}: expected 'a', 'an' or one of {', '.join(NUMBERS)}")
+    count = _COUNT_WORDS[w]
     i += 1
     colour = None
     if i < len(words) and words[i] in COLOUR_WORDS:
         colour = words[i]
         i += 1
     if i >= len(words):
-        raise _fail(prompt, "expected a shape at the end")
+        raise _Mismatch("expected a shape at the end")
     w = words[i]
     if count == 1:
         if w in SHAPES:
             shape = w
         elif w in _SINGULARS:
-            raise _fail(prompt, f"word {i + 1} {w!r}: use the singular {_SINGULARS[w]!r} after 'a'/'an'")
+            raise _Mismatch(f"word {i + 1} {w!r}: use the singular {_SINGULARS[w]!r} after 'a'/'an'")
         else:
-            raise _fail(prompt, f"word {i + 1} {w!r}: expected a colour or a shape ({', '.join(SHAPES)})")
+            raise _Mismatch(f"word {i + 1} {w!r}: expected a colour or a shape ({', '.join(SHAPES)})")
     else:
         if w in _SINGULARS:
             shape = _SINGULARS[w]
         elif w in SHAPES:
-            raise _fail(prompt, f"word {i + 1} {w!r}: use the plural {PLURALS[w]!r} after a number")
+            raise _Mismatch(f"word {i + 1} {w!r}: use the plural {PLURALS[w]!r} after a number")
         else:
-            raise _fail(prompt, f"word {i + 1} {w!r}: expected a colour or a plural shape")
+            raise _Mismatch(f"word {i + 1} {w!r}: expected a colour or a plural shape")
     return ObjectPhrase(shape, colour, count), i + 1
 
 
-@lru_cache(maxsize=4096)
-def _parse_words(words: tuple[str, ...], prompt: str) -> Requirements:
-    ws = list(words)
-    if not ws:
-        raise _fail(prompt, "it is empty")
-    first, i = _phrase(prompt, ws, 0)
-    if i == len(ws):
+def _relation(words: tuple[str, ...], i: int) -> tuple[str | None, int]:
+    """The joint at word i: (None, i + 1) for "and", (relation, next word) for a relation phrase."""
+    if words[i] == "and":
+        return None, i + 1
+    for phrase, key in _RELATION_PHRASES.items():
+        if words[i : i + len(phrase)] == phrase:
+            return key, i + len(phrase)
+    raise _Mismatch(
+        f"word {i + 1} {words[i]!r}: expected 'and', 'to the left of', 'to the right of', 'above' or 'below'"
+    )
+
+
+def _read(words: tuple[str, ...]) -> Requirements:
+    """The requirements of a word sequence; :class:`_Mismatch` when it is outside the grammar."""
+    if not words:
+        raise _Mismatch("it is empty")
+    first, i = _phrase(words, 0)
+    if i == len(words):
         return Requirements((first,))
-    relation = None
-    if ws[i] == "and":
-        i += 1
-    else:
-        for key, rel_words in RELATIONS.items():
-            if tuple(ws[i : i + len(rel_words)]) == rel_words:
-                relation = key
-                i += len(rel_words)
-                break
-        else:
-            raise _fail(
-                prompt,
-                f"word {i + 1} {ws[i]!r}: expected 'and', 'to the left of', 'to the right of', "
-                "'above' or 'below'",
-            )
-    second, i = _phrase(prompt, ws, i)
-    if i != len(ws):
-        raise _fail(prompt, f"unexpected words after the second object: {' '.join(ws[i:])!r}")
+    relation, i = _relation(words, i)
+    second, i = _phrase(words, i)
+    if i != len(words):
+        raise _Mismatch(f"unexpected words after the second object: {' '.join(words[i:])!r}")
     if relation is not None and (first.count != 1 or second.count != 1):
-        raise _fail(prompt, "a relation joins two single objects ('a' or 'an'), not counts")
+        raise _Mismatch("a relation joins two single objects ('a' or 'an'), not counts")
     if (
         relation is None
         and first.shape == second.shape
         and (first.colour is None or second.colour is None or first.colour == second.colour)
     ):
-        raise _fail(
-            prompt, "two phrases joined by 'and' must differ in shape or in colour; use a count instead"
-        )
+        raise _Mismatch("two phrases joined by 'and' must differ in shape or in colour; use a count instead")
     return Requirements((first, second), relation)
 
 
-def parse(prompt: str) -> Requirements:
-    """Parse a prompt of the grammar (any case, any whitespace) into its requirements.
+@lru_cache(maxsize=4096)
+def _parse_words(words: tuple[str, ...]) -> Requirements | str:
+    """The requirements of a word sequence, or why it is outside the grammar (cached)."""
+    try:
+        return _read(words)
+    except _Mismatch as e:
+        return str(e)
 
-    A prompt outside the grammar raises :class:`mdmrl.errors.UserError` naming it.
+
+def words_of(prompt: str) -> tuple[str, ...]:
+    """The words the parser reads: lower case, split on whitespace, trailing
+    punctuation (:data:`TRAILING_PUNCTUATION`) dropped."""
+    return tuple(prompt.lower().strip().rstrip(TRAILING_PUNCTUATION).split())
+
+
+def _distance(a: str, b: str) -> int:
+    """Levenshtein distance between two strings."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+#: Words and phrases a one-word edit may put into a prompt.
+_EDIT_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys([*VOCABULARY, *(" ".join(w) for w in RELATIONS.values()), *ALIASES])
+)
+
+
+def nearest(words: tuple[str, ...]) -> str | None:
+    """The accepted prompt nearest to ``words`` by one edit (one or two words replaced
+    by an accepted word or phrase, one inserted, or one deleted), cheapest first by
+    characters changed; None when no single edit makes it a grammar prompt."""
+    edits = []
+    for i, w in enumerate(words):
+        edits.append((len(w), 2, words[:i] + words[i + 1 :]))
+        for j in (i + 1, i + 2)[: len(words) - i]:
+            span = " ".join(words[i:j])
+            edits += [(_distance(span, c), 0, (*words[:i], *c.split(), *words[j:])) for c in _EDIT_WORDS]
+    for i in range(len(words) + 1):
+        edits += [(len(c), 1, (*words[:i], *c.split(), *words[i:])) for c in _EDIT_WORDS]
+    edits.sort(key=lambda e: e[:2])  # stable: ties keep the order of _EDIT_WORDS
+    for _, _, candidate in edits:
+        try:
+            _read(candidate)
+        except _Mismatch:
+            continue
+        return " ".join(candidate)
+    return None
+
+
+def parse(prompt: str) -> Requirements:
+    """Parse a prompt of the grammar (any case, any whitespace, the phrasings of
+    :data:`ALIASES`, trailing punctuation) into its requirements.
+
+    A prompt outside the grammar raises :class:`mdmrl.errors.UserError` naming it, the
+    word that failed and, when one edit fixes it, the nearest accepted prompt.
     """
     if not isinstance(prompt, str):
         raise UserError(f"prompt {prompt!r} is not a string; see {DOC}")
-    return _parse_words(tuple(prompt.lower().split()), prompt)
+    words = words_of(prompt)
+    got = _parse_words(words)
+    if isinstance(got, Requirements):
+        return got
+    fix = nearest(words)
+    hint = f"did you mean {fix!r}? " if fix else ""
+    raise UserError(
+        f"prompt {prompt!r} is outside the shapes grammar ({got}); {hint}see {DOC} for the allowed forms"
+    )
+
+
+@lru_cache(maxsize=4096)
+def canonical(prompt: str) -> str | None:
+    """``parse(prompt).text()`` for a grammar prompt, None for any other text."""
+    got = _parse_words(words_of(prompt))
+    return got.text() if isinstance(got, Requirements) else None
 
 
 # -- the held-out rule ----------------------------------------------------------------------

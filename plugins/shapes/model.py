@@ -34,6 +34,7 @@ from torch import nn
 from mdmrl.errors import UserError
 from mdmrl.interfaces import Backbone, BuildContext, NullConditioningCache
 from mdmrl.trajectory import BackboneOutput, Conditioning
+from mdmrl_plugins.shapes.grammar import canonical
 
 #: The committed weights ("builtin"); the config is the .json file beside it.
 BUILTIN_WEIGHTS = Path(__file__).resolve().parent / "weights" / "shapes-mdm.safetensors"
@@ -106,11 +107,14 @@ def world_config(options: Any) -> ShapesMDMConfig:
 class WordTokenizer:
     """Word-level tokenizer over a fixed vocabulary.
 
-    A prompt is lower-cased and split on whitespace; each word maps to its id, unknown
-    words to [UNK]; the sequence is cut to ``length`` words and right-padded with
-    [PAD]. A prompt with no words (the CFG null prompt ``""``) encodes to a single
-    [NULL] token followed by padding, so every row has at least one real token.
-    Ids: [PAD] = 0, [UNK] = 1, [NULL] = 2, then the vocabulary in order.
+    A prompt of the shapes grammar is read as its canonical text
+    (:func:`.grammar.canonical`: "One blue triangle." and "a blue triangle" encode
+    alike), any other text as it is; the text is lower-cased and split on whitespace;
+    each word maps to its id, unknown words to [UNK]; the sequence is cut to
+    ``length`` words and right-padded with [PAD]. A prompt with no words (the CFG null
+    prompt ``""``) encodes to a single [NULL] token followed by padding, so every row
+    has at least one real token. Ids: [PAD] = 0, [UNK] = 1, [NULL] = 2, then the
+    vocabulary in order.
     """
 
     def __init__(self, vocabulary: list[str] | tuple[str, ...], length: int):
@@ -126,7 +130,7 @@ class WordTokenizer:
         return len(self.itos)
 
     def encode_one(self, prompt: str) -> list[int]:
-        words = prompt.lower().split()
+        words = (canonical(prompt) or prompt).lower().split()
         if not words:
             return [self.stoi[NULL]]
         unk = self.stoi[UNK]

@@ -91,9 +91,10 @@ class _ShapesPrompts(PromptSource):
         return out
 
     def categorize(self, prompts: list[str]) -> list[str]:
-        """The GenEval family of each prompt ("other" for grammar prompts outside the
-        six families); prompts outside the grammar raise UserError."""
-        return [parse(p).family or "other" for p in prompts]
+        """The GenEval family of each prompt (:attr:`.grammar.Requirements.category`,
+        one of the six for every grammar prompt, plain-English phrasings included);
+        prompts outside the grammar raise UserError."""
+        return [parse(p).category for p in prompts]
 
 
 class ShapesTrainPrompts(_ShapesPrompts):

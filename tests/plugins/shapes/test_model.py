@@ -105,6 +105,37 @@ def test_unknown_words_and_truncation():
     assert mask[1].all() and ids.shape == (2, 4)
 
 
+def test_canonical_prompts_encode_word_by_word_as_before():
+    tok = WordTokenizer(grammar.VOCABULARY, length=12)
+    for family in grammar.FAMILIES:
+        for split in grammar.SPLITS:
+            for prompt in grammar.family_prompts(family, split):
+                ids = [tok.stoi[w] for w in prompt.split()]  # the encoding before plain-English prompts
+                assert tok.encode_one(prompt) == ids
+                assert tok.encode_one(prompt.upper()) == ids
+
+
+def test_plain_english_prompts_encode_as_their_canonical_text():
+    tok = WordTokenizer(grammar.VOCABULARY, length=12)
+    pairs = {
+        "One blue triangle.": "a blue triangle",
+        "a blue circle left of a red square": "a blue circle to the left of a red square",
+        "3 squares": "three squares",
+        "the circle on top of the square!": "a circle above a square",
+        "a orange circle": "an orange circle",
+    }
+    for plain, canonical in pairs.items():
+        assert tok.encode_one(plain) == tok.encode_one(canonical)
+    ids, _ = tok(list(pairs))
+    assert (ids != tok.stoi["[UNK]"]).all()
+    # any other text is encoded word by word, unknown words as [UNK], and never raises
+    unk = tok.stoi["[UNK]"]
+    assert tok.encode_one("a photo of a cat") == [tok.stoi["a"], unk, tok.stoi["of"], tok.stoi["a"], unk]
+    assert tok.encode_one("a circle near a square") == [
+        tok.stoi["a"], tok.stoi["circle"], unk, tok.stoi["a"], tok.stoi["square"]
+    ]  # fmt: skip
+
+
 @settings(max_examples=5, deadline=None)
 @given(st.integers(0, 2**31 - 1))
 def test_padding_positions_do_not_reach_the_image(model, seed):

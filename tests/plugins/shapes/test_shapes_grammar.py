@@ -203,3 +203,149 @@ def test_sample_prompt_rejects_unknown_split_and_family():
         sample_prompt(rng, "test")
     with pytest.raises(ValueError):
         sample_prompt(rng, "train", "colours")
+
+
+PLAIN = {
+    "one blue triangle": "a blue triangle",
+    "One blue triangle.": "a blue triangle",
+    "1 circle": "a circle",
+    "the red square": "a red square",
+    "3 squares": "three squares",
+    "2 red circles!": "two red circles",
+    "4 triangles?": "four triangles",
+    "a blue circle left of a red square": "a blue circle to the left of a red square",
+    "a circle on the left of the square": "a circle to the left of a square",
+    "a square right of a circle": "a square to the right of a circle",
+    "a square on the right of a circle.": "a square to the right of a circle",
+    "a triangle on top of a circle": "a triangle above a circle",
+    "a triangle over a circle": "a triangle above a circle",
+    "a circle under a triangle": "a circle below a triangle",
+    "a circle beneath a triangle": "a circle below a triangle",
+    "a circle underneath the triangle": "a circle below a triangle",
+    "one circle and 2 squares": "a circle and two squares",
+    "A Red Circle And A Blue Square.": "a red circle and a blue square",
+}
+
+
+@pytest.mark.parametrize("plain", sorted(PLAIN))
+def test_plain_english_phrasings_parse_like_their_canonical_form(plain):
+    req = parse(plain)
+    assert req == parse(PLAIN[plain])
+    assert req.text() == PLAIN[plain]
+    assert set(req.text().split()) <= set(VOCABULARY)
+    assert grammar.canonical(plain) == PLAIN[plain]
+
+
+def test_every_alias_is_used_by_an_example_and_stands_for_a_canonical_phrase():
+    used = " " + " ".join(words for p in PLAIN for words in [" ".join(grammar.words_of(p))]) + " "
+    for alias, canon in grammar.ALIASES.items():
+        assert f" {alias} " in used, alias
+        assert set(canon.split()) <= set(VOCABULARY)
+    assert grammar.canonical("a photo of a cat") is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    count=st.sampled_from([1, 2, 3, 4]),
+    colour=st.sampled_from([None, *grammar.COLOUR_WORDS]),
+    shape=st.sampled_from(grammar.SHAPES),
+    other=st.sampled_from(grammar.SHAPES),
+    other_colour=st.sampled_from([None, *grammar.COLOUR_WORDS]),
+    joint=st.sampled_from([None, "and", *grammar.RELATIONS]),
+    choice=st.randoms(use_true_random=False),
+    tail=st.sampled_from(["", ".", "!", " ?"]),
+    upper=st.booleans(),
+)
+def test_any_accepted_phrasing_parses_to_the_canonical_requirements(
+    count, colour, shape, other, other_colour, joint, choice, tail, upper
+):
+    if joint is None:
+        req = Requirements((ObjectPhrase(shape, colour, count),))
+    elif joint == "and":
+        if other == shape and (colour is None or other_colour is None or colour == other_colour):
+            return
+        req = Requirements((ObjectPhrase(shape, colour, count), ObjectPhrase(other, other_colour)))
+    else:
+        req = Requirements((ObjectPhrase(shape, colour), ObjectPhrase(other, other_colour)), joint)
+    # rewrite every canonical word or phrase that has aliases into one of them, at random
+    synonyms: dict[str, list[str]] = {}
+    for alias, canon in grammar.ALIASES.items():
+        synonyms.setdefault(canon, [canon]).append(alias)
+    text = req.text()
+    for canon in sorted(synonyms, key=len, reverse=True):
+        text = f" {text} ".replace(f" {canon} ", f" {choice.choice(synonyms[canon])} ").strip()
+    if "an " in f" {req.text()}":  # "an" is kept or becomes "a", "one", "1" or "the"
+        text = text.replace("an ", choice.choice(["an ", "a ", "one ", "the "]))
+    text = (text.upper() if upper else text) + tail
+    assert parse(text) == req
+    assert parse(text).text() == req.text()
+
+
+def test_category_is_the_family_for_family_prompts():
+    for f in FAMILIES:
+        assert {parse(p).category for p in family_prompts(f)} == {f}
+
+
+@pytest.mark.parametrize(
+    "prompt, category",
+    [
+        ("two red circles", "counting"),
+        ("two circles and a square", "counting"),
+        ("a red circle and two blue squares", "counting"),
+        ("a red circle above a blue square", "position"),
+        ("a red circle to the left of a square", "position"),
+        ("a circle above a circle", "position"),
+        ("a red circle and a square", "color_attr"),
+        ("a circle and a blue square", "color_attr"),
+        ("a red circle and a blue circle", "color_attr"),
+        ("one triangle", "single_object"),
+        ("the green square.", "colors"),
+    ],
+)
+def test_category_of_prompts_outside_the_families(prompt, category):
+    assert parse(prompt).category == category
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    count=st.sampled_from([1, 2, 3, 4]),
+    colour=st.sampled_from([None, *grammar.COLOUR_WORDS]),
+    shape=st.sampled_from(grammar.SHAPES),
+    second=st.one_of(
+        st.none(), st.tuples(st.sampled_from(grammar.SHAPES), st.sampled_from(grammar.COLOUR_WORDS))
+    ),
+)
+def test_every_grammar_prompt_has_one_of_the_six_categories(count, colour, shape, second):
+    objects = (ObjectPhrase(shape, colour, count),)
+    if second is not None:
+        if second[0] == shape:
+            return
+        objects += (ObjectPhrase(second[0], second[1]),)
+    assert Requirements(objects).category in FAMILIES
+
+
+@pytest.mark.parametrize(
+    "prompt, suggestion",
+    [
+        ("a circl", "a circle"),
+        ("two circle", "two circles"),
+        ("five circles", "four circles"),
+        ("a circle lft of a square", "a circle left of a square"),
+        ("a circle to the left a square", "a circle to the left of a square"),
+        ("a circle next to a square", "a circle left of a square"),
+        ("a circle and", "a circle"),
+    ],
+)
+def test_errors_name_the_nearest_accepted_form(prompt, suggestion):
+    with pytest.raises(UserError) as info:
+        parse(prompt)
+    msg = str(info.value)
+    assert f"did you mean {suggestion!r}?" in msg and "\n" not in msg
+    parse(suggestion)  # the suggestion is accepted
+
+
+def test_errors_without_a_one_edit_fix_list_what_was_expected():
+    with pytest.raises(UserError) as info:
+        parse("a photo of a cat")
+    msg = str(info.value)
+    assert "did you mean" not in msg and "expected a colour or a shape" in msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mdmrl import options as opt_schema
+from mdmrl.cli import main
 from mdmrl.errors import UserError
+from mdmrl.evaluate import read_prompt_file
 from mdmrl.interfaces import BuildContext
 from mdmrl.plugins import get_registry
-from mdmrl_plugins.shapes.grammar import FAMILIES, family_prompts, is_heldout, parse
+from mdmrl_plugins.shapes.grammar import ALIASES, FAMILIES, family_prompts, is_heldout, parse, words_of
 from mdmrl_plugins.shapes.prompts import ShapesHeldoutPrompts, ShapesPromptOptions, ShapesTrainPrompts
 
 
@@ -119,7 +122,7 @@ def test_from_options_rejects_bad_options(options, match):
         ShapesHeldoutPrompts.from_options(options, BuildContext())
 
 
-def test_categorize_gives_the_family_of_each_prompt():
+def test_categorize_gives_the_family_of_each_prompt_and_infers_one_for_any_other():
     from mdmrl_plugins.shapes.prompts import ShapesHeldoutPrompts
 
     src = ShapesHeldoutPrompts()
@@ -131,3 +134,81 @@ def test_categorize_gives_the_family_of_each_prompt():
         "counting",
         "position",
     ]
+    assert src.categorize(["two red circles", "One blue triangle.", "a red circle above a blue square"]) == [
+        "counting",
+        "colors",
+        "position",
+    ]
+    with pytest.raises(UserError, match="did you mean 'a circle'"):
+        src.categorize(["a circl"])
+
+
+PLAIN_FILE = Path(__file__).resolve().parents[3] / "recipes" / "prompts" / "shapes_plain.txt"
+PLAIN_CATEGORIES = {
+    "single_object": ["A triangle.", "One square", "the circle", "1 triangle"],
+    "two_objects": ["A circle and a square.", "one triangle and one circle", "The square and the triangle"],
+    "counting": [
+        "3 squares",
+        "Two triangles.",
+        "4 circles",
+        "2 red circles",
+        "three blue squares!",
+        "one circle and 2 triangles",
+    ],
+    "colors": ["One blue triangle", "a red circle.", "The green square", "an orange circle"],
+    "position": [
+        "A circle left of a square.",
+        "a triangle to the left of a circle",
+        "a square on top of a triangle",
+        "A circle under a triangle",
+        "a triangle beneath a square",
+        "a square right of a circle",
+        "a circle on the left of a triangle",
+        "The triangle on the right of the square.",
+        "a square over a circle",
+        "a circle underneath a square",
+        "a blue circle left of a red square",
+        "the yellow triangle above the white circle",
+    ],
+    "color_attr": [
+        "A red circle and a blue square.",
+        "one green triangle and one purple circle",
+        "a white square and an orange triangle",
+        "a red circle and a blue circle",
+        "a yellow square and a triangle",
+    ],
+}
+
+
+def test_the_shipped_plain_english_file_gets_the_expected_categories():
+    prompts, cats = read_prompt_file(str(PLAIN_FILE), ShapesHeldoutPrompts().categorize)
+    expected = {p: c for c, ps in PLAIN_CATEGORIES.items() for p in ps}
+    assert dict(zip(prompts, cats)) == expected and len(prompts) == len(expected)
+    # the file uses every accepted phrasing
+    words = " " + " ".join(" ".join(words_of(p)) for p in prompts) + " "
+    assert [alias for alias in ALIASES if f" {alias} " not in words] == []
+
+
+def test_eval_infers_categories_of_a_plain_prompt_file(tmp_path, capsys):
+    lines = ["# plain sentences", "One blue triangle.", "", "3 squares", "a circle left of a square"]
+    path = tmp_path / "plain.txt"
+    path.write_text("\n".join(lines) + "\n")
+    recipe = str(Path(__file__).resolve().parents[3] / "recipes" / "shapes" / "co_grpo.toml")
+    assert main(["eval", recipe, "--prompts", str(path), "--seeds", "1", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| colors |" in out and "| counting |" in out and "| position |" in out
+    assert "| other |" not in out and "shapes-clean" in out
+
+
+def test_a_line_outside_the_grammar_names_file_line_and_nearest_form(tmp_path, capsys):
+    path = tmp_path / "plain.txt"
+    path.write_text("# plain sentences\none blue triangle\n\na circle lft of a square\n")
+    recipe = str(Path(__file__).resolve().parents[3] / "recipes" / "shapes" / "co_grpo.toml")
+    assert main(["eval", recipe, "--prompts", str(path), "--seeds", "1", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert f"{path}, line 4:" in err and "did you mean 'a circle left of a square'?" in err
+    # a category column does not skip the check
+    path.write_text("colors\ta blue triangel\n")
+    with pytest.raises(UserError, match=r"line 1: .*did you mean 'a blue triangle'\?"):
+        read_prompt_file(str(path), ShapesHeldoutPrompts().categorize)
