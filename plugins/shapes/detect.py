@@ -334,16 +334,17 @@ def template_fit(masks: np.ndarray) -> np.ndarray:
     # canvas [rows, columns, K] (the masks last, so every slice below is a run of
     # contiguous K-vectors): each mask with th - 1 empty rows and tw - 1 empty columns
     # on each side, plus a leading zero column so that prefix[:, x] = canvas[:, :x].sum(1)
-    z = np.zeros((h + 2 * th - 2, w + 2 * tw - 1, k), dtype=np.uint8)
+    dtype = np.uint8 if w < 256 else np.int32  # row sums reach w, overlaps the template area
+    z = np.zeros((h + 2 * th - 2, w + 2 * tw - 1, k), dtype=dtype)
     z[th - 1 : th - 1 + h, tw : tw + w] = masks.transpose(1, 2, 0)
-    prefix = z.cumsum(axis=1, dtype=np.uint8)
+    prefix = z.cumsum(axis=1, dtype=dtype)
     widths = {n for t in runs for _, _, n in t[3]}
     box = {n: prefix[:, n:] - prefix[:, :-n] for n in widths}  # box[n][:, x] = canvas[:, x:x+n].sum(1)
     area = masks.reshape(k, -1).sum(axis=1)
     best = np.zeros(k)
     for t_area, ht, wt, rows in runs:
         y0, x0, ny, nx = th - ht, tw - wt, h + ht - 1, w + wt - 1
-        overlap = np.zeros((ny, nx, k), dtype=np.uint8)
+        overlap = np.zeros((ny, nx, k), dtype=dtype)
         for r, c0, n in rows:
             overlap += box[n][y0 + r : y0 + r + ny, x0 + c0 : x0 + c0 + nx]
         ov = overlap.reshape(-1, k).max(axis=0, initial=0).astype(np.int64)
