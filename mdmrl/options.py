@@ -251,7 +251,7 @@ def build(cls: type, table: dict, path: str, problems: list[str], built: dict | 
         if key not in fields:
             problems.append(f"{prefix}{key}: unknown key; allowed keys here: {known}")
     start = len(problems)
-    failed: set[str] = set()  # fields of this table (not of nested tables) that failed
+    failed: set[str] = set()  # fields whose value is unusable (a nested table's own problems do not count)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         fpath = f"{prefix}{name}"
@@ -267,8 +267,10 @@ def build(cls: type, table: dict, path: str, problems: list[str], built: dict | 
             # an absent table whose default is the dataclass itself: built from an empty
             # table, so that the plug-in options nested in it are validated too
             kwargs[name] = build(f.default_factory, {}, fpath, problems, built)
-        if len(problems) > before and not _is_table_type(hints[name]):
-            failed.add(name)
+        if len(problems) > before and (
+            not _is_table_type(hints[name]) or kwargs.get(name) is None or _own(problems[before:], fpath)
+        ):
+            failed.add(name)  # a value of this table, or of a nested table's own keys, is unusable
     _plugin_fields(fields, table, kwargs, prefix, problems, failed, built)
     own_failures = bool(failed) or any(k not in fields for k in table)
     try:
@@ -283,6 +285,17 @@ def build(cls: type, table: dict, path: str, problems: list[str], built: dict | 
         if callable(check):
             problems.extend(prefix + p for p in check())
     return instance
+
+
+def _own(problems: list[str], path: str) -> bool:
+    """Whether one of ``problems`` is about a key of the table at ``path`` itself (not
+    of a table inside it): its values are then partly defaults, and checks of the
+    table around it that read them are left for after the fix."""
+    for p in problems:
+        rest = p.split(": ", 1)[0][len(path) :]
+        if p.startswith(path + ".") and not any(c in rest[1:] for c in ".[ "):
+            return True
+    return False
 
 
 def _plugin_fields(
@@ -312,9 +325,7 @@ def _plugin_fields(
             continue
         before = len(problems)
         options = build(options_cls, value, f"{prefix}{name}", problems, built)
-        if len(problems) > before:
-            failed.add(name)
-        elif built is not None:
+        if len(problems) == before and built is not None:
             built[f"{prefix}{name}"] = options
 
 

@@ -408,6 +408,11 @@ def _build(cls: type, raw: dict, source: str) -> tuple[Any, dict[str, Any]]:
 def validate(raw: dict, source: str = "<memory>") -> LoadedRecipe:
     """Validate a training recipe and every plug-in's options, at every depth; raise
     :class:`ConfigError` listing every problem at once."""
+    if not raw:
+        raise UserError(
+            f"{source}: empty recipe; a training recipe needs [backbone], [schedule], [[rewards]], "
+            "[objective] and [prompts.train], a pretraining recipe needs [pretrain]"
+        )
     recipe, parts = _build(Recipe, raw, source)
     return LoadedRecipe(recipe=recipe, part_options=parts, source=source, raw=raw)
 
