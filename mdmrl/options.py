@@ -82,6 +82,22 @@ def plugin_table(class_name: str, kind: str, what: str = "", accept=None) -> typ
     return spec
 
 
+def build_plugin(kind: str, name: str, table: dict | None, ctx: Any, path: str = "") -> Any:
+    """Build the registered plug-in ``name`` of ``kind`` from its options ``table``, the
+    way the recipe loader builds a part: for a plug-in whose options hold another
+    plug-in's (:func:`plugin_options`), in its ``from_options``. The table was checked
+    when the recipe was validated; a plug-in built from code with a bad table gets a
+    :class:`~mdmrl.errors.ConfigError` naming ``path``."""
+    from mdmrl.errors import ConfigError
+
+    problems: list[str] = []
+    cls = _plugin_class({"plugin": kind}, name, path or kind, problems)
+    options = build(cls.Options, table or {}, path, problems) if cls is not None else None
+    if problems:
+        raise ConfigError(problems, source=path or kind)
+    return cls.from_options(options, ctx)
+
+
 # -- describing types and values ---------------------------------------------------------
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)

@@ -1,6 +1,10 @@
-"""A minimal third-party mdmrl plug-in: rewards images whose mean brightness is close
-to a target. Install it (``pip install ./examples/mdmrl-example-reward``) and name it
-in a recipe::
+"""A minimal third-party mdmrl plug-in, the one docs/writing-plugins.md walks through:
+
+- ``brightness`` rewards images whose mean brightness is close to a target;
+- ``threshold`` holds another rewarder (named in its options, with that rewarder's own
+  options) and gives 1 where its score reaches a threshold.
+
+Install it (``pip install ./examples/mdmrl-example-reward``) and name them in a recipe::
 
     [[rewards]]
     name = "brightness"
@@ -16,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mdmrl.hookspecs import hookimpl
-from mdmrl.interfaces import GeneratedBatch, Rewarder
+from mdmrl.interfaces import BuildContext, GeneratedBatch, Rewarder
+from mdmrl.options import build_plugin, plugin_name, plugin_options
 
 
 @dataclass
@@ -38,6 +43,33 @@ class BrightnessReward(Rewarder):
         return 1.0 - (brightness - self.target).abs()
 
 
+@dataclass
+class ThresholdOptions:
+    reward: str = plugin_name("rewarder", "brightness", doc="the rewarder whose score is thresholded")
+    reward_options: dict = plugin_options("reward", doc="its options, checked by its own Options")
+    threshold: float = field(default=0.5, metadata={"doc": "score from which an image earns 1"})
+
+
+class ThresholdReward(Rewarder):
+    """1 where another rewarder's score reaches ``threshold``, else 0."""
+
+    name = "threshold"
+    Options = ThresholdOptions
+
+    def __init__(self, inner: Rewarder, threshold: float):
+        self.inner = inner
+        self.threshold = threshold
+
+    @classmethod
+    def from_options(cls, options: ThresholdOptions, ctx: BuildContext) -> Rewarder:
+        inner = build_plugin("rewarder", options.reward, options.reward_options, ctx)
+        return cls(inner, options.threshold)
+
+    def score(self, batch: GeneratedBatch) -> torch.Tensor:
+        return (self.inner.score(batch) >= self.threshold).float()
+
+
 @hookimpl
 def register_rewarders(register):
     register(BrightnessReward)
+    register(ThresholdReward)
