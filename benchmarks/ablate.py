@@ -76,7 +76,8 @@ def _list(xs: list[str]) -> str:
 
 
 def plan_overrides(b: Budget) -> list[str]:
-    """Iteration counts: the alternating plan, and as many iterations for the other modes."""
+    """Iteration counts: the alternating plan, and as many iterations for the other modes
+    (Runner.load keeps the ones the recipe's mode uses)."""
     return [
         f"train.cycles={b.cycles}",
         f"train.model_iterations={b.model_iterations}",

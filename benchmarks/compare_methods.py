@@ -89,7 +89,7 @@ def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float) -> dict
     configs: list[tuple[str, str, list[str]]] = [(key(lab, smp), rec, ov) for lab, rec, ov, smp in METHODS]
     configs += [(f"MaskGRPO γ={g}", "mask_grpo", [f"objective.options.gamma={g}"]) for g in GAMMAS]
     # Co-GRPO alternates N_m model and N_s schedule iterations; sized so that a short
-    # budget reaches both phases (ignored by the single-phase recipes)
+    # budget reaches both phases (Runner.load drops them for the single-phase recipes)
     plan = [
         f"train.model_iterations={b.model_iterations}",
         f"train.schedule_iterations={b.schedule_iterations}",

@@ -217,3 +217,21 @@ def test_json_schema_of_an_options_class(toy_registry):
         "description": "token id that scores 1",
         "default": 0,
     }
+
+
+def test_effective_overrides_keep_only_what_the_recipe_mode_uses():
+    """Scripts that size recipes of several modes with one list (benchmarks/_runs.py)."""
+    from pathlib import Path
+
+    import tomllib
+
+    from mdmrl import recipe as rc
+
+    shapes = Path(__file__).resolve().parents[1] / "recipes" / "shapes"
+    sizing = ["train.iterations=4", "train.cycles=2", "train.schedule.lr=0.1", "train.model.lr=0.1", "seed=1"]
+    naive = tomllib.loads((shapes / "naive_grpo.toml").read_text())
+    assert rc.effective_overrides(naive, sizing) == ["train.iterations=4", "train.model.lr=0.1", "seed=1"]
+    alternating = tomllib.loads((shapes / "co_grpo.toml").read_text())
+    kept = rc.effective_overrides(alternating, sizing)
+    assert kept == ["train.cycles=2", "train.schedule.lr=0.1", "train.model.lr=0.1", "seed=1"]
+    assert rc.effective_overrides(alternating, [*sizing, "train.mode=naive"])[0] == "train.iterations=4"

@@ -192,3 +192,25 @@ def test_resume_before_the_first_checkpoint_starts_again(
     assert len(said) == 1 and "starting it again from iteration 0 with its saved recipe" in said[0], err
     assert _rows(run_dir) == ref_rows
     assert _evals(run_dir) == ref_evals
+
+
+def test_the_saved_recipe_validates_as_written_and_an_older_one_still_loads(
+    reference, toy_registry, tmp_path
+):
+    """recipe.toml leaves out the keys without effect in its mode, so it validates
+    strictly (it can be run again as a recipe); one written by an earlier version, which
+    held them, still loads for --resume with the same digest."""
+    from mdmrl import recipe as rc
+    from mdmrl.engine import recipe_digest
+
+    recipe, _, _ = reference
+    rd = run(str(recipe), str(tmp_path / "r"), ["train.cycles=1"], progress=False)
+    text = (rd / "recipe.toml").read_text()
+    train = text.split("[train]\n", 1)[1].split("\n[", 1)[0]
+    assert "cycles = 1" in train and "iterations = " not in train.replace("_iterations = ", "")
+    strict = rc.load(rd / "recipe.toml")
+    older = rd / "older.toml"
+    older.write_text(text.replace("[train]\n", "[train]\niterations = 10\n"))
+    with pytest.raises(rc.ConfigError, match='train.iterations: has no effect in mode "alternating"'):
+        rc.load(older)
+    assert recipe_digest(rc.load(older, run_dir=True)) == recipe_digest(strict)
