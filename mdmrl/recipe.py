@@ -209,7 +209,16 @@ class LoggingSpec:
     checkpoint_every: int = _f(1, doc="iterations between checkpoints", min=1)
     keep_checkpoints: int = _f(2, doc="how many recent checkpoints to keep", min=1)
     image_every: int = _f(5, doc="iterations between image grids (0 = never)", min=0)
-    tensorboard: bool = _f(True, doc="also write TensorBoard event files")
+    tensorboard: bool = _f(
+        True, doc="write TensorBoard event files (false removes tensorboard from logging.trackers)"
+    )
+    trackers: list[str] = _f(
+        ["tensorboard"],
+        doc="experiment trackers that receive every metrics row (main process only, through "
+        "accelerate's tracker classes): tensorboard (tb/), wandb (Weights & Biases, the wandb "
+        "extra; WANDB_MODE=offline needs no network). metrics.jsonl stays the run's record",
+        choices=["tensorboard", "wandb"],
+    )
     kl_every: int = _f(
         1,
         doc="iterations between measurements of the KL from the frozen initial model to the "

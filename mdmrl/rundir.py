@@ -2,7 +2,8 @@
 
 ``recipe.toml`` (resolved, every default filled in), ``environment.json`` (versions,
 git commit, command), ``metrics.jsonl`` and ``metrics.csv``, ``tb/`` (TensorBoard),
-``images/``, ``eval/``, ``plots/``, ``checkpoints/``.
+``wandb/`` (Weights & Biases) and ``trackers.json`` (their resume state), ``images/``,
+``eval/``, ``plots/``, ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mdmrl import hostmem
+from mdmrl import hostmem, tracking
 from mdmrl.errors import UserError
 
 PACKAGES = (
@@ -97,24 +98,37 @@ def environment() -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Metrics as JSON lines (the source of truth) and a CSV rewritten from them."""
+    """Metrics as JSON lines (the source of truth) and a CSV rewritten from them; every
+    row also goes to the run's experiment trackers (:mod:`mdmrl.tracking`).
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    tensorboard: ``logging.tensorboard``. trackers: the tracker names; None reads
+    ``logging.trackers`` from the run directory's resolved ``recipe.toml`` (the engine
+    passes only ``logging.tensorboard``). The trackers are opened at the first
+    :meth:`append`, once :meth:`truncate` has said from which iteration the run writes
+    again (TensorBoard discards its events from there on)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, trackers: list[str] | None = None):
+        self.run_dir = run_dir
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
         self.rows: list[dict] = []
         if self.jsonl.exists():
             self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+        if trackers is None:
+            self.tracker_names = tracking.from_run_dir(run_dir, tensorboard)
+        else:
+            self.tracker_names = tracking.resolve(trackers, tensorboard)
+        tracking.check_installed(
+            self.tracker_names
+        )  # a missing package stops the run before its first iteration
+        self._first = max((r["iteration"] for r in self.rows), default=0) + 1
+        self._trackers: tracking.Trackers | None = None
 
     def truncate(self, iteration: int) -> None:
         """Drop rows of iterations >= ``iteration`` (written after the checkpoint a
         resumed run continues from)."""
         self.rows = [r for r in self.rows if r["iteration"] < iteration]
+        self._first = iteration
         self._write_all()
 
     def append(self, row: dict) -> None:
@@ -122,11 +136,12 @@ class MetricsLog:
         with open(self.jsonl, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self._write_csv()
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "iteration":
-                    self._tb.add_scalar(k, v, row["iteration"])
-            self._tb.flush()
+        if self.tracker_names and self._trackers is None:
+            self._trackers = tracking.Trackers(
+                self.run_dir, self.tracker_names, first_step=self._first, history=self.rows
+            )
+        if self._trackers is not None:
+            self._trackers.log(row)
 
     def _write_all(self) -> None:
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
@@ -144,5 +159,6 @@ class MetricsLog:
         os.replace(tmp, self.csv)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
