@@ -34,6 +34,8 @@ from mdmrl.trajectory import Conditioning, LossOutput, Trajectory
 from mdmrl_plugins.maskgrpo.emerge import CFG_SCALE, TEMPERATURE, guided_log_probs
 
 GUIDANCE = ("rollout", "conditional")
+#: Defaults that follow the backbone's modality (the paper's Sec. 3.3-3.4): (re-mask, gamma).
+IMAGE_DEFAULTS, TEXT_DEFAULTS = ("random", 0.8), ("ar-fading", 0.6)
 
 #: How many samples' old-policy values are kept (least recently used are dropped).
 OLD_CACHE_SAMPLES = 65536
@@ -123,12 +125,22 @@ class MaskGRPOOptions:
         default=4,
         metadata={"doc": "mu: inner updates (mask levels) per rollout batch, one term each", "min": 1},
     )
-    gamma: float = field(
-        default=0.8,
+    gamma: float | None = field(
+        default=None,
         metadata={
-            "doc": "gamma: lower cut-off of the mask levels, which lie in (gamma, 1); 0.8 for images",
+            "doc": "gamma: lower cut-off of the mask levels, which lie in (gamma, 1); unset = 0.8 for an "
+            "image backbone, 0.6 for a text backbone",
             "min": 0.0,
             "max_exclusive": 1.0,
+        },
+    )
+    remask: str | None = field(
+        default=None,
+        metadata={
+            "doc": "re-mask function: random (exactly ceil(t N) positions) or ar-fading (Alg. 1: mask "
+            "probability rising along the completion); unset = random for an image backbone, ar-fading "
+            "for a text backbone",
+            "choices": ["random", "ar-fading"],
         },
     )
     clip_eps: float = field(
@@ -168,11 +180,16 @@ class MaskGRPOObjective(Objective):
     update_per_term = True
     phases = ("model",)
 
-    def __init__(self, options: MaskGRPOOptions | None = None):
+    def __init__(self, options: MaskGRPOOptions | None = None, text: bool = False):
         o = options or MaskGRPOOptions()
+        defaults = TEXT_DEFAULTS if text else IMAGE_DEFAULTS
+        self.remask_name = o.remask if o.remask is not None else defaults[0]
+        self.gamma = o.gamma if o.gamma is not None else defaults[1]
         if o.mu < 1:
             raise UserError(f"objective.options.mu: {o.mu} must be >= 1")
-        if not 0.0 <= o.gamma < 1.0:
+        if self.remask_name not in ("random", "ar-fading"):
+            raise UserError(f"objective.options.remask: {o.remask!r} is not one of random, ar-fading")
+        if not 0.0 <= self.gamma < 1.0:
             raise UserError(f"objective.options.gamma: {o.gamma} must be in [0, 1)")
         if not 0.0 < o.clip_eps < 1.0:
             raise UserError(f"objective.options.clip_eps: {o.clip_eps} must be in (0, 1)")
@@ -181,12 +198,14 @@ class MaskGRPOObjective(Objective):
         if o.guidance not in GUIDANCE:
             raise UserError(f"objective.options.guidance: {o.guidance!r} is not one of {', '.join(GUIDANCE)}")
         self.options = o
-        self.levels = mask_levels(o.mu, o.gamma)
+        self.levels = mask_levels(o.mu, self.gamma)
         self._old: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     @classmethod
     def from_options(cls, options: MaskGRPOOptions, ctx: BuildContext) -> MaskGRPOObjective:
-        return cls(options)
+        from mdmrl_plugins.text.protocol import is_text_backbone
+
+        return cls(options, text=is_text_backbone(ctx.backbone))
 
     def num_terms(self, traj: Trajectory) -> int:
         """mu: one term per mask level."""
@@ -211,10 +230,18 @@ class MaskGRPOObjective(Objective):
     ) -> torch.Tensor:
         """l_pi(o^{t_j}, o | c) of every row under ``backbone``, float32 [B] (gradients
         when enabled). term: 0-based index j - 1 of the level."""
+        from mdmrl_plugins.maskgrpo.text_remask import remask
+        from mdmrl_plugins.text.protocol import is_text_backbone, pad_after_eos
+
         device = next(backbone.parameters()).device
         o = traj.final_tokens.to(device)
+        if is_text_backbone(backbone):  # after the first EOS a completion is padding (LLaDA's rule)
+            o = pad_after_eos(o, backbone.eos_token_ids, backbone.pad_token_id)
         b, n = o.shape
-        masked = seeded_mask(traj.seeds, term + 1, self.levels[term], n, self.options.mask_salt).to(device)
+        masked, level = remask(
+            self.remask_name, traj.seeds, term + 1, self.levels[term], n, self.options.mask_salt
+        )
+        masked = masked.to(device)
         o_t = torch.where(masked, torch.full_like(o, backbone.mask_token_id), o)
         g = self.guidance_params(traj)
         if g is None:
@@ -222,8 +249,16 @@ class MaskGRPOObjective(Objective):
             log_probs, _ = guided_log_probs(backbone, o_t, cond, None, ones, ones)
         else:
             log_probs, _ = guided_log_probs(backbone, o_t, cond, uncond, g[0], g[1])
-        level = masked.float().mean(1)
         return sequence_elbo(log_probs, o, masked, level)
+
+    def mask_fraction(self, term: int, num_tokens: int) -> float:
+        """The fraction of the N positions level ``term`` masks: realised (random) or
+        expected (ar-fading)."""
+        from mdmrl_plugins.maskgrpo.text_remask import expected_masked_fraction
+
+        if self.remask_name == "ar-fading":
+            return expected_masked_fraction(num_tokens, self.levels[term])
+        return masked_count(self.levels[term], num_tokens) / num_tokens
 
     # -- the old policy --------------------------------------------------------------------
     def _keys(self, traj: Trajectory) -> list[bytes]:
@@ -235,7 +270,8 @@ class MaskGRPOObjective(Objective):
         keys = []
         for i in range(traj.batch_size):
             h = hashlib.blake2b(digest_size=16)
-            h.update(f"{int(traj.seeds[i])}|{o.mu}|{o.gamma!r}|{o.guidance}|{o.mask_salt}|".encode())
+            h.update(f"{int(traj.seeds[i])}|{o.mu}|{self.gamma!r}|{o.guidance}|{o.mask_salt}|".encode())
+            h.update(self.remask_name.encode())
             h.update(traj.prompts[i].encode())
             h.update(toks[i].numpy().tobytes())
             h.update(acts[i].numpy().tobytes())
@@ -321,9 +357,7 @@ class MaskGRPOObjective(Objective):
             ratios.append(rd)
             clipped.append(float(clip_active(rd, adv, eps).float().mean()))
             levels.append(self.levels[j])
-            fracs.append(
-                masked_count(self.levels[j], traj.final_tokens.shape[1]) / traj.final_tokens.shape[1]
-            )
+            fracs.append(self.mask_fraction(j, traj.final_tokens.shape[1]))
             elbos.append(float(new.detach().mean()))
         allr = torch.cat(ratios)
         stats = {

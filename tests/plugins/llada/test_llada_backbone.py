@@ -302,7 +302,7 @@ def test_registered_and_options_validate():
 
 def test_plugin_module_imports_no_heavy_library():
     code = (
-        "import sys, mdmrl_plugins.llada.plugin; "
+        "import sys, mdmrl_plugins.llada.plugin, mdmrl_plugins.text.plugin; "
         "print(sorted(m for m in ('transformers', 'peft', 'safetensors', 'tokenizers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
