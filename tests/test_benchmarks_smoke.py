@@ -182,3 +182,37 @@ def test_iteration_cost_quick(tmp_path, capsys):
     assert res["fast"]["phases"]["model"]["split_s"]["time_kl"] > 0.0
     assert data["targets"]["per-sample speed-up"]["value"] == res["fast"]["speedup_vs_ablation"]
     assert "× vs ablation" in capsys.readouterr().out
+
+
+def test_memory_plan_quick(tmp_path, capsys):
+    data = _run("memory_plan", tmp_path)
+    r = data["results"]
+    small = {"meissonic-small", "llada-small", "shapes-mdm"}
+    assert set(r["models"]) == small
+    for name in ("meissonic-small", "llada-small"):
+        cells = r["models"][name]["plan"]
+        # every variant (full / LoRA x with / without checkpointing) under every engine and GPU count
+        assert len(cells) == 4 * 3 * 3
+        for cell in cells:
+            t = cell["terms"]
+            assert t["peak"] == max(t["training_step"], t["persistent"] + t["rollout"])
+    for name in ("meissonic-small", "llada-small"):
+        c = r["models"][name]["counts"]
+        for acts in (c["train"], c["train_lora"]):  # checkpointing saves activations
+            assert 0 < acts["checkpointing"]["lines"][-1][1] < acts["plain"]["lines"][-1][1]
+    checks = r["checks"]
+    assert {c["model"] for c in checks} == small
+    steps = {
+        (c["model"], c["lora"], c["checkpointing"]): c["measured"]
+        for c in checks
+        if c["phase"] == "update" and c["precision"] == "fp32"
+    }
+    for (model, lora, ckpt), measured in steps.items():  # ... and a real step sees it
+        if ckpt:
+            assert measured < steps[(model, lora, False)]
+    assert {c["phase"] for c in checks} == {"update", "rollout"}
+    for c in checks:
+        assert c["ratio"] == c["predicted"] / c["measured"]
+    assert data["targets"]["lowest formula / measured"]["met"]
+    assert data["targets"]["highest formula / measured"]["met"]
+    assert "formula / measured" in capsys.readouterr().out
