@@ -49,6 +49,15 @@ def expected_masked_fraction(length: int, level: float) -> float:
     return float(1.0 - q.mean()) if length else 0.0
 
 
+def eligible_positions(eligible: torch.Tensor | None, rows: int, num_tokens: int) -> list[torch.Tensor]:
+    """The positions of each row that may be masked, in order, long [L_o] per row:
+    every one of the N when ``eligible`` (bool [B, N]) is None."""
+    if eligible is None:
+        return [torch.arange(num_tokens)] * rows
+    allowed = eligible.bool().cpu()
+    return [allowed[i].nonzero().squeeze(1) for i in range(rows)]
+
+
 def ar_fading_mask(
     seeds: torch.Tensor,
     term: int,
@@ -64,11 +73,9 @@ def ar_fading_mask(
     Returns (masked bool [B, N] on the CPU, the expected masked fraction of the N
     positions float32 [B]: the ELBO's normaliser)."""
     b = seeds.numel()
-    allowed = torch.ones(b, num_tokens, dtype=torch.bool) if eligible is None else eligible.bool().cpu()
     masked = torch.zeros(b, num_tokens, dtype=torch.bool)
     expected = torch.zeros(b, dtype=torch.float32)
-    for i, s in enumerate(seeds.tolist()):
-        where = allowed[i].nonzero().squeeze(1)
+    for i, (s, where) in enumerate(zip(seeds.tolist(), eligible_positions(eligible, b, num_tokens))):
         length = where.numel()
         g = torch.Generator().manual_seed(mask_seed(s, term, salt))
         u = torch.rand(length, generator=g, dtype=torch.float64)
@@ -91,10 +98,8 @@ def random_mask(
     if eligible is None:
         masked = seeded_mask(seeds, term, level, num_tokens, salt)
     else:
-        allowed = eligible.bool().cpu()
         masked = torch.zeros(seeds.numel(), num_tokens, dtype=torch.bool)
-        for i in range(seeds.numel()):
-            where = allowed[i].nonzero().squeeze(1)
+        for i, where in enumerate(eligible_positions(eligible, seeds.numel(), num_tokens)):
             masked[i, where] = seeded_mask(seeds[i : i + 1], term, level, where.numel(), salt)[0]
     return masked, masked.float().mean(1)
 

@@ -245,9 +245,8 @@ def test_lora_adapts_the_chosen_block_layers_only(tokenizer):
 def test_gradient_checkpointing_option_gives_the_same_gradients(tokenizer):
     def grads(flag):
         bb = tiny_backbone(tokenizer, gradient_checkpointing=flag).train()
-        bb(_completion(bb, 6), bb.encode_prompts(["a", "bb"]), torch.zeros(2)).logits.logsumexp(
-            -1
-        ).mean().backward()
+        out = bb(_completion(bb, 6), bb.encode_prompts(["a", "bb"]), torch.zeros(2))
+        out.logits.logsumexp(-1).mean().backward()
         return {n: p.grad for n, p in bb.named_parameters()}
 
     a, b = grads(False), grads(True)
