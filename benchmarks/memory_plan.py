@@ -259,6 +259,24 @@ class MeissonicSize:
     vq: dict
 
 
+def clip_text(width: int, layers: int, heads: int, mlp: int, **extra: Any) -> dict:
+    """``CLIPTextConfig`` fields of a CLIP text tower: the CLIP vocabulary (49408 ids,
+    77 positions), a projection as wide as the tower."""
+    return dict(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=width,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        **extra,
+    )
+
+
 def meissonic_1b() -> MeissonicSize:
     """The published Meissonic: transformer config of ``MeissonFlow/Meissonic``
     (``plugins/meissonic/structure.py``), CLIP-ViT-H-14's text tower (width 1024, 24
@@ -270,19 +288,7 @@ def meissonic_1b() -> MeissonicSize:
     return MeissonicSize(
         transformer=dict(PUBLISHED_CONFIG),
         resolution=1024,
-        text=dict(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            max_position_embeddings=77,
-            projection_dim=1024,
-            hidden_act="gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
+        text=clip_text(width=1024, layers=24, heads=16, mlp=4096, hidden_act="gelu"),
         vq=dict(
             act_fn="silu",
             block_out_channels=(128, 256, 256, 512, 768),
@@ -324,18 +330,7 @@ def meissonic_small(
             codebook_size=codebook,
         ),
         resolution=2 * grid,
-        text=dict(
-            vocab_size=49408,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=width,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
+        text=clip_text(width=width, layers=2, heads=2, mlp=2 * width),
         vq=dict(
             down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2,

@@ -252,28 +252,10 @@ def test_two_processes_log_from_the_main_process_only(tmp_path, wandb_offline):
     from test_distributed import _free_port
 
     recipe, run_dir = _recipe(tmp_path), tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
-        str(TESTS / "toy_main.py"),
-        "run",
-        str(recipe),
-        "--run-dir",
-        str(run_dir),
-        "--no-progress",
-    ]
+    launch = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1"
+    launch += f" --mixed_precision no --dynamo_backend no --main_process_port {_free_port()}"
+    run = ["run", str(recipe), "--run-dir", str(run_dir), "--no-progress"]
+    cmd = [sys.executable, *launch.split(), str(TESTS / "toy_main.py"), *run]
     env = {**_env(wandb_offline), "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
