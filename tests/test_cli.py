@@ -434,13 +434,13 @@ def test_validate_accepts_every_recipe_kind_and_prints_the_plan(capsys):
     assert "plan: 12 iterations: naive mode (model only)" in capsys.readouterr().out
     assert main(["validate", str(ROOT / "recipes/shapes/pretrain.toml")]) == 0
     out = capsys.readouterr().out
-    assert "valid pretraining recipe" in out and "backbone=shapes-mdm" in out and "steps=5000" in out
+    assert "valid pretraining recipe" in out and "backbone=shapes-mdm" in out and "steps=10000" in out
 
 
 def test_validate_lists_every_problem_of_a_pretraining_recipe(tmp_path, capsys):
     text = (ROOT / "recipes/shapes/pretrain.toml").read_text()
     text = _sub(text, 'output = "plugins/shapes/weights/shapes-mdm.safetensors"\n', "colour = 1\n")
-    text = _sub(_sub(text, "steps = 5000", "steps = -1"), "lr = 0.002", 'lr = "fast"\nlayrs = 2')
+    text = _sub(_sub(text, "steps = 10000", "steps = -1"), "lr = 0.002", 'lr = "fast"\nlayrs = 2')
     assert main(["validate", _recipe(tmp_path, text)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[1:] == [  # every problem, nested options included, each with its path
