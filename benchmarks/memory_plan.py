@@ -665,8 +665,13 @@ class Counts:
     once); largest_tensor: the largest trained parameter tensor (full fine-tune);
     train / train_lora: activation bytes of one loss term, a Fit in the trajectories
     b, keyed "plain" / "checkpointing"; infer: working set of one sampler forward in b;
-    decode: working set of one decoder call of ``decode_chunk`` images; tokens: N;
-    trajectory_bytes: the stored record of one trajectory (T steps)."""
+    sampler: the sampler's own buffers beyond it, in b; decode: working set of one
+    decoder call, in the images (at most ``decode_chunk`` per call); tokens: N;
+    codebook: V; trajectory_bytes: the stored record of one trajectory (T steps);
+    batch: trajectories per iteration; cfg: guided replays; dtype_bytes: bytes per
+    element of the dtype the activations were measured in; held_after_forward: bytes
+    alive at the end of the forward of one trajectory, per variant (recorded for
+    reading, not used by the formula)."""
 
     trained: int
     adapters: int
