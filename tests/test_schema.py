@@ -140,7 +140,7 @@ BAD = {
     "missing required table": _sub('[backbone]\nname = "shapes-mdm"\n', ""),
     "pretraining option out of range": (ROOT / "recipes/shapes/pretrain.toml")
     .read_text()
-    .replace("steps = 5000", "steps = 0"),
+    .replace("steps = 10000", "steps = 0"),
     "pretraining recipe with a training table": (ROOT / "recipes/shapes/pretrain.toml").read_text()
     + '\n[backbone]\nname = "shapes-mdm"\n',
 }

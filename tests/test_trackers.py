@@ -54,9 +54,11 @@ def tensorboard_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
 
 def wandb_rows(wandb_dir: Path) -> list[list[dict]]:
     """The history rows of every offline W&B run folder under ``wandb_dir``, one list
-    per folder (oldest first)."""
-    files = sorted(glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb")))
-    return [tracking.wandb_history(f) for f in files]
+    per folder, in the order of their first step (folder names carry a start time to the
+    second only, which does not order two starts in the same second)."""
+    files = glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    runs = [tracking.wandb_history(f) for f in files]
+    return sorted(runs, key=lambda rows: rows[0]["_step"] if rows else -1)
 
 
 def jsonl(run_dir: Path) -> list[dict]:
