@@ -134,6 +134,18 @@ class _Stop(Exception):
     pass
 
 
+def interrupted(opts: PretrainOptions, target: Path, step: int) -> None:
+    """Run a pretraining that is killed when it reports ``step`` (after the
+    checkpoint of the step before it)."""
+
+    def stop(s, _):
+        if s == step:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        ShapesMDM.pretrain(opts, str(target), stop)
+
+
 def test_interrupted_pretraining_resumes_exactly(tmp_path, first_run):
     """A run killed after its checkpoint at step 11 and started again with the same
     options ends with the uninterrupted run's weights and loss curve; the partial file
@@ -152,12 +164,7 @@ def test_interrupted_pretraining_resumes_exactly(tmp_path, first_run):
     )
     target = tmp_path / "r.safetensors"
 
-    def stop_at_12(step, _):
-        if step == 12:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        ShapesMDM.pretrain(opts, str(target), stop_at_12)
+    interrupted(opts, target, 12)
     partial = pretrain_mod.partial_path(str(target))
     assert partial.exists() and not target.exists()
     resumed = ShapesMDM.pretrain(opts, str(target), None)
@@ -172,13 +179,10 @@ def test_partial_pretraining_with_other_options_is_refused(tmp_path):
     opts = PretrainOptions(**{**TINY, "steps": 6, "warmup": 1, "log_every": 1, "checkpoint_minutes": 1e-9})
     target = tmp_path / "r.safetensors"
 
-    def stop(step, _):
-        if step == 3:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        ShapesMDM.pretrain(opts, str(target), stop)
-    changed = PretrainOptions(**{**TINY, "steps": 6, "warmup": 1, "log_every": 1, "checkpoint_minutes": 1e-9, "lr": 1e-2})
+    interrupted(opts, target, 3)
+    changed = PretrainOptions(
+        **{**TINY, "steps": 6, "warmup": 1, "log_every": 1, "checkpoint_minutes": 1e-9, "lr": 1e-2}
+    )
     with pytest.raises(UserError, match=r"partial pretraining with other options \(lr\)"):
         ShapesMDM.pretrain(changed, str(target), None)
     pretrain_mod.partial_path(str(target)).write_bytes(b"not a checkpoint")
