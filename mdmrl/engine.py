@@ -229,15 +229,15 @@ class Trainer:
             )
             t_sample += t1 - t0
             t_reward += time.perf_counter() - t1
-        t1 = time.perf_counter()
+        wait_start = time.perf_counter()
         results = [f.result() for f in futures]
-        t2 = time.perf_counter()
+        t_wait = time.perf_counter() - wait_start
         traj = Trajectory.cat(trajs) if len(trajs) > 1 else trajs[0]
         res = concat_results(results)
         total = self.dist.scatter_sum(res.total, local, b)
         comps = {k: self.dist.scatter_sum(v, local, b) for k, v in res.components.items()}
         # time_reward: scoring in line plus waiting for background scoring after the rollout.
-        timing = {"time_rollout": t_sample, "time_reward": t_reward + t2 - t1, "time_reward_wait": t2 - t1}
+        timing = {"time_rollout": t_sample, "time_reward": t_reward + t_wait, "time_reward_wait": t_wait}
         return traj, total, comps, timing, local, group_ids
 
     def update(self, phase: str, traj: Trajectory, adv_global: torch.Tensor, local: torch.Tensor) -> dict:
