@@ -122,8 +122,16 @@ def wandb_history(record_file: str | Path) -> list[dict[str, Any]]:
 def wandb_offline_files(root: str | Path, run_id: str) -> list[str]:
     """The record files of the offline starts of W&B run ``run_id`` under ``root``
     (the ``dir`` given to W&B), oldest first."""
-    pattern = os.path.join(str(root), "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")
-    return sorted(glob.glob(pattern))
+    pattern = os.path.join(str(root), "wandb", "offline-run-*", f"run-{run_id}.wandb")
+
+    def start_order(path: str) -> tuple[str, int]:
+        # offline-run-<YYYYmmdd_HHMMSS>-<id>[-<n>]: W&B adds "-<n>" when a start falls in
+        # the same second as an earlier one of the same run
+        timespec, _, rest = Path(path).parent.name.removeprefix("offline-run-").partition("-")
+        suffix = rest.removeprefix(run_id).removeprefix("-")
+        return timespec, int(suffix) if suffix.isdigit() else 0
+
+    return sorted(glob.glob(pattern), key=start_order)
 
 
 class Trackers:

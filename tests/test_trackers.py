@@ -167,8 +167,11 @@ def test_rows_reach_both_trackers_and_a_resume_repeats_none(tmp_path, wandb_offl
     assert [r["_step"] for r in first] == [1, 2, 3, 4] and [r["_step"] for r in second] == [5]
     assert [r["reward_mean"] for r in first + second] == pytest.approx([0.1, 0.2, 0.3, 0.4, 6.0])
     run_id = json.loads((run_dir / tracking.STATE_FILE).read_text())["wandb_id"]
+    # the run id from each history file's name (run-<id>.wandb): a folder's name gains a
+    # "-1" suffix when the resumed start falls in the same second as the first
     runs = {
-        Path(p).name.rsplit("-", 1)[-1] for p in glob.glob(str(wandb_offline / "wandb" / "offline-run-*"))
+        Path(p).stem.removeprefix("run-")
+        for p in glob.glob(str(wandb_offline / "wandb" / "offline-run-*" / "run-*.wandb"))
     }
     assert runs == {run_id}  # one W&B run, continued
 
@@ -264,3 +267,26 @@ def test_two_processes_log_from_the_main_process_only(tmp_path, wandb_offline):
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
     runs = assert_trackers_match(run_dir, wandb_offline)
     assert len(runs) == 1  # one W&B run: the second process opened none
+
+
+def test_offline_files_of_a_run_in_start_order_including_same_second_restarts(tmp_path):
+    # W&B names a start's folder offline-run-<time>-<id>, adding -<n> when a start of the
+    # same run falls in a second that already has a folder
+    for name in (
+        "offline-run-20261204_061001-abc-10",
+        "offline-run-20261204_061001-abc",
+        "offline-run-20261204_061001-abc-2",
+        "offline-run-20261204_060959-abc",
+        "offline-run-20261204_061000-xyz",
+    ):
+        run_id = name.split("-")[3]
+        folder = tmp_path / "wandb" / name
+        folder.mkdir(parents=True)
+        (folder / f"run-{run_id}.wandb").write_bytes(b"")
+    files = tracking.wandb_offline_files(tmp_path, "abc")
+    assert [Path(f).parent.name for f in files] == [
+        "offline-run-20261204_060959-abc",
+        "offline-run-20261204_061001-abc",
+        "offline-run-20261204_061001-abc-2",
+        "offline-run-20261204_061001-abc-10",
+    ]
