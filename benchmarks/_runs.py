@@ -61,7 +61,12 @@ class Budget:
     training seeds); fixed_seeds: samples per prompt for an untrained model (its spread
     is over these sampling seeds); minutes: wall-clock training budget per run
     (compare_methods); table2_steps, transfer_steps: step counts of Table 2 / 5b;
-    target_steps: (learned, fixed) step counts of performance target (i).
+    target_steps: (learned, fixed) step counts of performance target (i);
+    eval_count: the size of the held-out prompt set (``prompts.eval.options.count``;
+    None = the recipe's); guidance: the guidance scale s of every recipe's fixed schedule,
+    or of the Gaussian policy's base schedule (None = each recipe's own); cpu_clock: a
+    ``minutes`` budget counts this process's CPU time instead of wall-clock time (with one
+    torch thread, the same work whatever else shares the machine).
     """
 
     name: str
@@ -80,6 +85,9 @@ class Budget:
     table2_steps: tuple[int, ...] = (8, 32)
     transfer_steps: tuple[int, ...] = (4, 8, 16, 32, 48)
     target_steps: tuple[int, int] = (8, 32)
+    eval_count: int | None = None
+    guidance: float | None = None
+    cpu_clock: bool = False
     smoke: bool = False
 
     @property
@@ -94,11 +102,14 @@ class Budget:
             f"train.rollout_batch={self.batch}",
             "logging.image_every=0",
             "logging.tensorboard=false",
+            "logging.kl_every=0",  # the KL monitor changes no update; benchmarks skip its cost
         ]
         if self.timestep_fraction is not None:
             out.append(f"train.timestep_fraction={self.timestep_fraction}")
         if self.minibatches is not None:
             out.append(f"train.minibatches={self.minibatches}")
+        if self.eval_count is not None:
+            out.append(f"prompts.eval.options.count={self.eval_count}")
         for phase in ("model", "schedule"):
             out += [f"train.{phase}.batch_size={self.batch}", f"train.{phase}.group_size={self.group}"]
         if self.smoke:
@@ -139,6 +150,15 @@ SMOKE = Budget(
 def pick_budget(name: str, budgets: dict[str, Budget], smoke: bool) -> Budget:
     """The named budget, or :data:`SMOKE` when ``smoke``."""
     return SMOKE if smoke else budgets[name]
+
+
+def guidance_override(raw: dict, scale: float) -> str:
+    """The override that sets the guidance scale of ``raw``'s schedule: the fixed
+    schedule's own ``cfg_scale``, or the Gaussian policy's base schedule's."""
+    schedule = raw.get("schedule", {})
+    if schedule.get("name") == "gaussian":
+        return f"schedule.options.base_options.cfg_scale={scale}"
+    return f"schedule.options.cfg_scale={scale}"
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -243,6 +263,10 @@ class Runner:
 
         path = recipe_path(recipe)
         overrides = self.overrides(extra) + [f"seed={seed}"]
+        if self.budget.guidance is not None:
+            overrides.append(
+                guidance_override(rc.apply_overrides(rc.read_toml(path), overrides), self.budget.guidance)
+            )
         # one budget sizes recipes of every mode: keep only the keys this recipe's mode uses
         # (e.g. no train.schedule in naive mode; train.iterations or train.cycles, not both)
         return rc.load(path, rc.effective_overrides(rc.read_toml(path), overrides))
@@ -344,15 +368,16 @@ class Runner:
             trainer = Trainer(loaded, parts, Path(tmp), device, log=self._log)
             curve, evals = [], {}
             train_s = 0.0
+            clock = time.process_time if b.cpu_clock else time.perf_counter
             limit = None if spec.minutes is None else spec.minutes * 60.0
             marks = set(spec.eval_every)
             try:
                 while trainer.iteration < len(trainer.plan):
                     if limit is not None and train_s >= limit:
                         break
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     row = trainer.iterate()
-                    train_s += time.perf_counter() - t0
+                    train_s += clock() - t0
                     curve.append(
                         {
                             "iteration": row["iteration"],

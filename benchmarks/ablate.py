@@ -26,6 +26,7 @@ from _runs import (  # noqa: E402
     fmt,
     mean_std,
     pick_budget,
+    recipe_path,
     run_and_report,
     setup_threads,
     table,
@@ -56,19 +57,52 @@ BUDGETS = {
         eval_prompts=24,
         fixed_seeds=3,
     ),
+    # ten times "full"'s training samples (30 iterations x 64 = 1920 against 12 x 16),
+    # guidance-free as the quickstart, a quarter of the steps replayed in one minibatch
+    # (benchmarks/iteration_cost.py's "fast" configuration), 120 held-out prompts x 2
+    # sampling seeds per evaluation: about 6 minutes a run on 1 thread of a 2-core CPU
+    "decisive": Budget(
+        name="decisive",
+        batch=64,
+        group=8,
+        train_steps=8,
+        timestep_fraction=0.25,
+        minibatches=1,
+        cycles=3,
+        model_iterations=6,
+        schedule_iterations=4,
+        eval_prompts=120,
+        eval_count=120,
+        eval_seeds=2,
+        fixed_seeds=4,
+        guidance=1.0,
+    ),
 }
 
 GAMMAS = (1.0, 1.5, 2.0)
 ALIGN, QUALITY = "shapes-alignment", "shapes-quality"
 
 #: Table 5a: the schedule components made trainable, in the paper's order of addition
-#: (r, then tau_r, then tau_s, then s), each row adding one.
+#: (r, then tau_r, then tau_s, then s), each row adding one. The row whose components
+#: are the shipped Co-GRPO recipe's is that recipe's run (:func:`recipe_components`).
 COMPONENT_ROWS: list[tuple[str, list[str]]] = [
     ("+r", ["remask_ratio"]),
     ("+τ_r", ["remask_ratio", "remask_temperature"]),
     ("+τ_s", ["remask_ratio", "remask_temperature", "temperature"]),
-    ("+s (Co-GRPO)", ["remask_ratio", "remask_temperature", "temperature", "cfg_scale"]),
+    ("+s", ["remask_ratio", "remask_temperature", "temperature", "cfg_scale"]),
 ]
+
+
+def recipe_components() -> set[str]:
+    """The schedule components the shipped Co-GRPO recipe trains."""
+    from mdmrl import recipe as rc
+
+    return set(rc.read_toml(recipe_path("co_grpo"))["schedule"]["options"]["trainable"])
+
+
+def row_key(label: str, comps: list[str]) -> str:
+    """The run key of a Table 5a row: "co-grpo" for the shipped recipe's components."""
+    return "co-grpo" if set(comps) == recipe_components() else label
 
 
 def _list(xs: list[str]) -> str:
@@ -153,8 +187,9 @@ def run_all(runner: Runner, b: Budget, seeds: list[int]) -> dict:
 
     train("co-grpo", "co_grpo", [], marks, sorted(set(b.transfer_steps) | {t_train, b.target_steps[0]}))
     train("naive", "naive_grpo", [], marks, [t_train])
-    for label, comps in COMPONENT_ROWS[:-1]:
-        train(label, "co_grpo", [f"schedule.options.trainable={_list(comps)}"], [], [t_train])
+    for label, comps in COMPONENT_ROWS:
+        if row_key(label, comps) == label:
+            train(label, "co_grpo", [f"schedule.options.trainable={_list(comps)}"], [], [t_train])
     train("joint", "co_grpo_joint", [], [], [t_train])
     return raw
 
@@ -233,7 +268,12 @@ def render(raw: dict, b: Budget) -> tuple[str, dict]:
     blank = [""] * len(comp)
     rows = [["none (base)", *blank, fmt(ms(base)), fmt(ms(base, ALIGN)), fmt(ms(base, QUALITY))]]
     order = [("Naive GRPO", "naive", [])] + [
-        (label, "co-grpo" if label.startswith("+s") else label, comps) for label, comps in COMPONENT_ROWS
+        (
+            label + (" (Co-GRPO recipe)" if row_key(label, comps) == "co-grpo" else ""),
+            row_key(label, comps),
+            comps,
+        )
+        for label, comps in COMPONENT_ROWS
     ]
     nums["table5a"] = {"none": ms(base)[0]}
     for label, key, comps in order:

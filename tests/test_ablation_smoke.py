@@ -76,7 +76,14 @@ def test_ablate_smoke_tables_and_resume(ablate_run, capsys, monkeypatch):
 
     t5a = tables(section(secs, "Table 5a analogue"))[0]
     assert t5a[0] == ["row", "model", "r", "τ_r", "τ_s", "s", "total", "alignment", "quality"]
-    assert [r[0] for r in t5a[1:]] == ["none (base)", "Naive GRPO", "+r", "+τ_r", "+τ_s", "+s (Co-GRPO)"]
+    assert [r[0] for r in t5a[1:]] == [
+        "none (base)",
+        "Naive GRPO",
+        "+r",
+        "+τ_r",
+        "+τ_s (Co-GRPO recipe)",
+        "+s",
+    ]
     ticks = [sum(c == "✓" for c in r[1:6]) for r in t5a[1:]]
     assert ticks == [0, 1, 2, 3, 4, 5]  # one more trainable component per row
     assert all(CELL.match(c) for r in t5a[1:] for c in r[6:])
@@ -115,6 +122,8 @@ def test_ablate_smoke_tables_and_resume(ablate_run, capsys, monkeypatch):
         "target_ii",
     }
     assert len(data["raw"]["runs"]["co-grpo"]) == 2
+    # the row with the shipped recipe's components is the recipe's own run, not a second copy
+    assert "+τ_s" not in data["raw"]["runs"] and len(data["raw"]["runs"]["+s"]) == 2
 
     # a rerun trains nothing (every run comes from the cache) and prints the same tables
     assert mod.main(args) == 0
@@ -175,3 +184,20 @@ def test_compare_smoke_tables(tmp_path, capsys, monkeypatch):
     assert all(r["iterations"] >= 1 for v in runs.values() for r in v)
     # gamma = 0.8 is the recipe's default: the same run as "MaskGRPO (emerge)", from the cache
     assert runs["MaskGRPO γ=0.8"] == runs["MaskGRPO (emerge)"]
+
+
+@pytest.mark.parametrize("recipe", ["co_grpo", "co_grpo_joint", "mask_grpo", "naive_grpo", "fixed_schedule"])
+def test_a_budgets_guidance_reaches_every_recipes_schedule(recipe, tmp_path):
+    _load("ablate")  # puts benchmarks/ on the path
+    from _runs import SMOKE, Runner, replace
+
+    from mdmrl.build import build_parts
+    from mdmrl_plugins.cogrpo.schedules import fixed_actions
+
+    runner = Runner(replace(SMOKE, guidance=1.0, eval_count=7), tmp_path)
+    loaded = runner.load(recipe, [])
+    assert loaded.recipe.prompts.eval.options["count"] == 7
+    schedule = build_parts(loaded).schedule
+    policy = getattr(schedule, "base", schedule)  # the Gaussian policy's mean is its base schedule
+    # every step's action carries s = 1 (the recipes ship 1 or 3)
+    assert bool((fixed_actions(policy, 4)[:, -1] == 1.0).all())
