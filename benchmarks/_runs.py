@@ -427,12 +427,57 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error, sample std / sqrt(n) (0 for a single value)."""
+    m, s = mean_std(values)
+    return m, (s / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+
+def eval_se(ev: dict | None, metric: str = "total") -> tuple[float, float]:
+    """(mean, standard error over its sampling seeds) of an evaluation summary's metric;
+    NaNs when it is missing."""
+    if not ev or metric not in ev:
+        return math.nan, math.nan
+    per_seed = ev[metric].get("per_seed") or [ev[metric]["mean"]]
+    return float(ev[metric]["mean"]), mean_se(per_seed)[1]
+
+
 def fmt(values: Sequence[float] | tuple[float, float], digits: int = 3) -> str:
-    """``mean ± std`` of values (or of a (mean, std) pair)."""
-    m, s = values if isinstance(values, tuple) else mean_std(values)
+    """``mean ± standard error`` of values (or of a given (mean, error) pair)."""
+    m, s = values if isinstance(values, tuple) else mean_se(values)
     if math.isnan(m):
         return "—"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def difference(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """a − b and its standard error (independent estimates: the errors add in quadrature)."""
+    return a[0] - b[0], math.sqrt(a[1] ** 2 + b[1] ** 2)
+
+
+def verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """Whether a measured "a above b" holds: beyond two standard errors of the
+    difference either way, or not separated."""
+    d, se = difference(a, b)
+    if math.isnan(d):
+        return "not available"
+    if d > 2 * se:
+        return "**reproduced**"
+    if d < -2 * se:
+        return "**reversed**"
+    return "not separated"
+
+
+def directions_table(claims: Sequence[tuple[str, tuple[float, float], tuple[float, float]]]) -> str:
+    """A markdown table of (claim "a above b", a, b): both estimates, their difference
+    with its standard error, and the :func:`verdict`."""
+    rows = []
+    for claim, a, b in claims:
+        d = difference(a, b)
+        rows.append(
+            [claim, fmt(a), fmt(b), "—" if math.isnan(d[0]) else f"{d[0]:+.3f} ± {d[1]:.3f}", verdict(a, b)]
+        )
+    return table(["direction (a above b)", "a", "b", "a − b", "verdict (2 SE)"], rows)
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -511,6 +556,11 @@ def run_and_report(
 
 __all__ = [
     "Budget",
+    "difference",
+    "directions_table",
+    "eval_se",
+    "mean_se",
+    "verdict",
     "SMOKE",
     "RunSpec",
     "Runner",

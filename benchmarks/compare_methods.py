@@ -26,7 +26,10 @@ from _runs import (  # noqa: E402
     Budget,
     Runner,
     RunSpec,
+    directions_table,
+    eval_se,
     fmt,
+    mean_se,
     pick_budget,
     run_and_report,
     setup_threads,
@@ -140,25 +143,25 @@ def render(raw: dict, b: Budget) -> tuple[str, dict]:
     nums: dict = {"methods": {}, "gamma": {}}
     out.append(
         f"### Methods at an equal budget of {minutes:g} min of training per run\n\n"
-        f"Held-out total reward at T = {t} ({b.eval_prompts} prompts), mean ± std over {n} training "
-        f"seeds; untrained: over {b.fixed_seeds} sampling seeds. Gain per minute = (held-out − "
+        f"Held-out total reward at T = {t} ({b.eval_prompts} prompts), mean ± standard error over {n} "
+        f"training seeds; untrained: over {b.fixed_seeds} sampling seeds. Gain per minute = (held-out − "
         "untrained) / training minutes of the run.\n"
     )
     rows = []
     for lab, _, _, smp in METHODS:
         name = key(lab, smp)
         rs = runs[name]
-        b0 = base[name]["total"] if base.get(name) else {"mean": math.nan, "std": math.nan}
+        b0 = eval_se(base.get(name))
         vals = _vals(rs, t)
         mins = [r["train_seconds"] / 60 for r in rs]
-        gains = [(v - b0["mean"]) / m for v, m in zip(vals, mins, strict=True) if not math.isnan(b0["mean"])]
+        gains = [(v - b0[0]) / m for v, m in zip(vals, mins, strict=True) if not math.isnan(b0[0])]
         its = [r["iterations"] for r in rs]
         rows.append(
             [
                 lab,
                 smp,
                 fmt(its, 1),
-                fmt((b0["mean"], b0["std"])),
+                fmt(b0),
                 fmt(vals),
                 fmt(_vals(rs, t, "shapes-alignment")),
                 fmt(_vals(rs, t, "shapes-quality")),
@@ -166,7 +169,7 @@ def render(raw: dict, b: Budget) -> tuple[str, dict]:
             ]
         )
         nums["methods"][name] = {
-            "untrained": b0["mean"],
+            "untrained": b0[0],
             "heldout": vals,
             "gain_per_minute": gains,
             "iterations": its,
@@ -189,7 +192,7 @@ def render(raw: dict, b: Budget) -> tuple[str, dict]:
     )
     out.append(
         f"\n### MaskGRPO truncation γ ({minutes:g} min per run, the recipe's sampler)\n\n"
-        "Mask levels t_j lie in (γ, 1); γ = 0 is no truncation. Mean ± std over "
+        "Mask levels t_j lie in (γ, 1); γ = 0 is no truncation. Mean ± standard error over "
         f"{n} training seeds.\n"
     )
     rows = []
@@ -199,7 +202,49 @@ def render(raw: dict, b: Budget) -> tuple[str, dict]:
         rows.append([g, fmt([r["iterations"] for r in rs], 1), fmt(vals)])
         nums["gamma"][str(g)] = vals
     out.append(table(["γ", "iterations", "held-out"], rows))
+    out.append(directions(raw))
     return "\n".join(out) + "\n", nums
+
+
+def directions(raw: dict) -> str:
+    """Every method pair, the papers' directions (MaskGRPO and Co-GRPO each above Naive
+    GRPO; MaskGRPO's emerge sampler below the confidence sampler before RL and above it
+    after; truncation γ = 0.8 above none and above over-truncation), as "a above b"."""
+    t, runs = raw["train_steps"], raw["runs"]
+    names = [key(lab, smp) for lab, _, _, smp in METHODS]
+
+    def trained(name: str) -> tuple[float, float]:
+        return mean_se(_vals(runs.get(name, []), t))
+
+    # every pair, the higher mean first (a pair's direction is what is measured)
+    claims = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            hi, lo = (a, b) if trained(a)[0] >= trained(b)[0] else (b, a)
+            claims.append((f"pair: {hi} above {lo}", trained(hi), trained(lo)))
+    naive, mask_c, mask_e, co = names
+    claims += [
+        (f"paper: {mask_c} above {naive}", trained(mask_c), trained(naive)),
+        (f"paper: {co} above {naive}", trained(co), trained(naive)),
+        (
+            f"paper: before RL, {mask_c} above {mask_e}",
+            eval_se(raw["base"].get(mask_c)),
+            eval_se(raw["base"].get(mask_e)),
+        ),
+        (f"paper: after RL, {mask_e} above {mask_c}", trained(mask_e), trained(mask_c)),
+    ]
+    gamma = {g: mean_se(_vals(runs.get(f"MaskGRPO γ={g}", []), t)) for g in GAMMAS}
+    claims += [
+        ("paper: γ = 0.8 above no truncation (γ = 0)", gamma[0.8], gamma[0.0]),
+        ("paper: γ = 0.8 above over-truncation (γ = 0.9)", gamma[0.8], gamma[0.9]),
+    ]
+    return (
+        "\n### Directions, measured\n\n"
+        '"pair" rows give every method pair in the order measured; "paper" rows a direction '
+        "the MaskGRPO or Co-GRPO paper reports. A direction holds only when a − b exceeds two "
+        "standard errors of the difference (over training seeds; for untrained models over "
+        "sampling seeds).\n\n" + directions_table(claims) + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,23 @@ def test_ablate_smoke_tables_and_resume(ablate_run, capsys, monkeypatch):
     assert [int(r[0]) for r in t5b[1:]] == list(smoke.transfer_steps)
     assert {r[1] for r in t5b[1:]} == {str(smoke.train_steps)}
 
+    dirs = tables(section(secs, "Directions of the paper"))[0]
+    assert dirs[0] == ["direction (a above b)", "a", "b", "a − b", "verdict (2 SE)"]
+    claims = [r[0] for r in dirs[1:]]
+    for prefix in (
+        "Table 2, T = 2",
+        "5a: +s above +τ_s",
+        "5b: learned above fixed at T = 4",
+        "5c:",
+        "5d:",
+        "target (i)",
+    ):
+        assert any(c.startswith(prefix) for c in claims), prefix
+    assert {r[4] for r in dirs[1:]} <= {"**reproduced**", "**reversed**", "not separated"}
+    for r in dirs[1:]:  # the difference is a minus b
+        (a, _), (b, _), (d, _) = (map(float, r[i].split(" ± ")) for i in (1, 2, 3))
+        assert d == pytest.approx(a - b, abs=2e-3)
+
     t5c = tables(section(secs, "Table 5c analogue"))[0]
     assert [int(r[0]) for r in t5c[1:]] == list(range(smoke.cycles + 1))
     per = smoke.model_iterations + smoke.schedule_iterations
@@ -177,6 +194,14 @@ def test_compare_smoke_tables(tmp_path, capsys, monkeypatch):
     assert gam[0] == ["γ", "iterations", "held-out"]
     assert [float(r[0]) for r in gam[1:]] == [0.0, 0.6, 0.8, 0.9]
 
+    dirs = tables(section(secs, "Directions, measured"))[0]
+    pairs = [r for r in dirs[1:] if r[0].startswith("pair: ")]
+    assert len(pairs) == 6  # every pair of the four methods once
+    for r in pairs:  # written the way it was measured: a's mean is not below b's
+        a, b = (float(r[i].split(" ± ")[0]) for i in (1, 2))
+        assert a >= b
+    assert sum(r[0].startswith("paper: ") for r in dirs[1:]) == 6
+
     data = json.loads((tmp_path / "c.json").read_text())
     runs = data["raw"]["runs"]
     assert all(len(v) == 2 for v in runs.values())
@@ -201,3 +226,16 @@ def test_a_budgets_guidance_reaches_every_recipes_schedule(recipe, tmp_path):
     policy = getattr(schedule, "base", schedule)  # the Gaussian policy's mean is its base schedule
     # every step's action carries s = 1 (the recipes ship 1 or 3)
     assert bool((fixed_actions(policy, 4)[:, -1] == 1.0).all())
+
+
+def test_verdicts_need_two_standard_errors_of_the_difference():
+    _load("ablate")
+    from _runs import difference, mean_se, verdict
+
+    assert mean_se([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0 / 3**0.5))
+    assert difference((1.0, 0.3), (0.5, 0.4)) == pytest.approx((0.5, 0.5))
+    # 0.5 apart with an error of 0.5 on the difference: one standard error, not a finding
+    assert verdict((1.0, 0.3), (0.5, 0.4)) == "not separated"
+    assert verdict((1.0, 0.1), (0.5, 0.1)) == "**reproduced**"  # 0.5 > 2 x 0.141
+    assert verdict((0.5, 0.1), (1.0, 0.1)) == "**reversed**"
+    assert verdict((float("nan"), 0.0), (1.0, 0.1)) == "not available"
