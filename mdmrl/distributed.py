@@ -1,38 +1,70 @@
-"""Multi-process helpers. One process is the default; ``accelerate launch`` (or
-``mdmrl run --num-processes N``) starts several, and :func:`setup` joins them.
+"""Processes, devices and gradient synchronisation through ``accelerate.Accelerator``.
+
+One process is the default; ``accelerate launch`` (or ``mdmrl run --num-processes N``
+or ``--accelerate-config FILE``) starts several, and :func:`setup` joins them. The
+accelerator owns the process group, the wrapping of the trained modules (DDP, FSDP or
+DeepSpeed, as the launch configuration says), mixed precision, and the gradient
+synchronisation that the engine skips (``no_sync``) on all but the last backward pass
+of an optimizer step.
 
 Sharding rule: trajectory ``b`` of an iteration's global batch belongs to rank
 ``b % world_size``. Every rank draws the same prompts and per-trajectory seeds, and a
 trajectory's randomness comes only from its own seed, so a trajectory is identical
 whichever rank samples it. Rewards are summed into a global tensor (each position
-written by exactly one rank), advantages are computed from the global rewards on
-every rank, and gradients are all-reduced with a SUM of per-rank losses that were
-already scaled by (local samples / global samples): the effective batch and the
-update do not depend on the number of processes.
+written by exactly one rank) and advantages are computed from the global rewards on
+every rank. Each rank's loss is scaled by (local samples / global samples) times the
+number of processes, so the data-parallel engine's mean of the ranks' gradients is
+the gradient of the global batch: the effective batch and the update do not depend on
+the number of processes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as td
 
+from mdmrl.errors import UserError
+
 
 @dataclass
 class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    """The run's accelerator and its process layout."""
+
+    accelerator: object  # accelerate.Accelerator (imported lazily: it is slow to import)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def local_rank(self) -> int:
+        return self.accelerator.local_process_index
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.accelerator.is_main_process
 
     @property
     def active(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def engine(self) -> str:
+        """accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED ..."""
+        return str(self.accelerator.distributed_type).split(".")[-1]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether model or optimizer state is split across the ranks."""
+        return self.engine in ("FSDP", "DEEPSPEED")
 
     def local_indices(self, n: int) -> torch.Tensor:
         return torch.arange(self.rank, n, self.world_size)
@@ -42,41 +74,74 @@ class Dist:
         out = torch.zeros(n, dtype=torch.float64)
         out[local_idx] = local_values.to(torch.float64).cpu()
         if self.active:
-            td.all_reduce(out, op=td.ReduceOp.SUM)
+            out = self.accelerator.reduce(out.to(self.accelerator.device), "sum").cpu()
         return out
-
-    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        if not self.active:
-            return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            td.all_reduce(p.grad, op=td.ReduceOp.SUM)
 
     def barrier(self) -> None:
         if self.active:
-            td.barrier()
+            self.accelerator.wait_for_everyone()
 
     def broadcast_flag(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
         if not self.active:
             return flag
-        t = torch.tensor([1 if flag else 0])
-        td.all_reduce(t, op=td.ReduceOp.MAX)
-        return bool(t.item())
+        t = torch.tensor([1 if flag else 0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, "sum").item() > 0)
 
 
-def setup() -> Dist:
-    """Join the process group started by ``accelerate launch``/torchrun, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not td.is_initialized():
-        from accelerate import PartialState
+def _launched_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-        PartialState(cpu=not torch.cuda.is_available())
-    return Dist(
-        rank=td.get_rank(), world_size=td.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0))
+
+def check_deepspeed() -> None:
+    """One clear line when the launch configuration selects DeepSpeed without it."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError(
+            "the accelerate configuration selects DeepSpeed, which is not installed; "
+            "install it with: pip install 'mdmrl[deepspeed]'"
+        )
+
+
+def setup(mixed_precision: str = "no", device: torch.device | None = None) -> Dist:
+    """The accelerator of this process: joins the process group started by
+    ``accelerate launch``/torchrun, if any, and applies the recipe's
+    ``train.mixed_precision``. A launch configuration that names another mixed
+    precision than the recipe is a UserError (the recipe is what a resume replays)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched not in ("no", mixed_precision):
+        raise UserError(
+            f"the accelerate configuration sets mixed_precision {launched!r} but the recipe's "
+            f"train.mixed_precision is {mixed_precision!r}; make them equal "
+            f"(e.g. --set train.mixed_precision={launched})"
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        check_deepspeed()
+    if _launched_world() <= 1 and AcceleratorState._shared_state:
+        # One process that builds several trainers (tests, benchmarks): each gets the
+        # mixed precision and device of its own recipe.
+        AcceleratorState._reset_state()
+    cpu = device is not None and device.type == "cpu"
+    dist = Dist(
+        Accelerator(
+            mixed_precision=mixed_precision,
+            cpu=cpu,
+            device_placement=False,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and dist.engine != "FSDP":
+        # accelerate switches to FSDP only on accelerator devices; on CPU it would
+        # silently run plain data parallelism with every process holding everything.
+        raise UserError(
+            f"the accelerate configuration selects FSDP, which accelerate runs on GPUs only "
+            f"(this run's processes are {dist.engine} on {dist.accelerator.device.type}); "
+            "use configs/accelerate/ddp.yaml on CPU"
+        )
+    return dist
 
 
 def shutdown() -> None:

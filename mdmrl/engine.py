@@ -29,13 +29,13 @@ import torch
 from mdmrl import checkpoint as ckpt
 from mdmrl.advantages import group_advantages
 from mdmrl.build import Parts
-from mdmrl.distributed import Dist
+from mdmrl.distributed import Dist, setup
 from mdmrl.errors import UserError
 from mdmrl.interfaces import GeneratedBatch, Policies
 from mdmrl.recipe import LoadedRecipe, TrainSpec, resolved_dict
 from mdmrl.rewarding import RewardWorker, concat_results
 from mdmrl.rundir import MetricsLog
-from mdmrl.trajectory import ACTION_FIELDS, Trajectory
+from mdmrl.trajectory import ACTION_FIELDS, LossOutput, Trajectory
 
 STREAMS = ("prompts", "seeds", "update")
 
@@ -81,6 +81,27 @@ class StopRequest:
     requested: bool = False
 
 
+class TrainStep(torch.nn.Module):
+    """The trained modules (backbone and schedule policy) under one module whose
+    forward is the objective's loss, so that the accelerator's wrapper (DDP, FSDP,
+    DeepSpeed) sees every forward and synchronises the gradients of both, whichever
+    phase trains. The frozen reference is not a child: it is neither wrapped nor
+    synchronised."""
+
+    def __init__(self, parts: Parts, reference: torch.nn.Module | None):
+        super().__init__()
+        self.backbone = parts.backbone
+        self.schedule = parts.schedule
+        self._sampler, self._objective, self._reference = parts.sampler, parts.objective, reference
+
+    def forward(self, phase: str, sub: Trajectory, adv: torch.Tensor, terms: list[int]) -> LossOutput:
+        with torch.set_grad_enabled(phase in ("model", "joint")):  # a trainable text encoder
+            cond = self.backbone.encode_prompts(sub.prompts)
+            uncond = self.backbone.null_conditioning(sub.batch_size)
+        pol = Policies(self.backbone, self.schedule, self._sampler, cond, uncond, self._reference)
+        return self._objective.loss(pol, sub, adv, terms, phase)
+
+
 class Trainer:
     def __init__(
         self,
@@ -96,9 +117,10 @@ class Trainer:
         self.parts = parts
         self.run_dir = run_dir
         self.device = device
-        self.dist = dist or Dist()
-        self.log = log
         t = self.recipe.train
+        self.dist = dist or setup(t.mixed_precision, device)
+        self.accelerator = self.dist.accelerator
+        self.log = log
         self.plan = phase_plan(t)
         phases = {p for p, _ in self.plan}
         self.model_params = [p for p in parts.backbone.parameters() if p.requires_grad]
@@ -117,6 +139,21 @@ class Trainer:
         if kl_beta > 0 or self.recipe.logging.kl_every > 0:
             # The frozen initial model: the KL penalty's reference and the monitor's.
             self.reference = copy.deepcopy(parts.backbone).eval().requires_grad_(False)
+        smallest = min(o.batch_size for o in (t.model, t.schedule))
+        if smallest < self.dist.world_size:
+            raise UserError(
+                f"train: a batch of {smallest} trajectories cannot be shared by {self.dist.world_size} "
+                "processes; use a batch_size of at least the number of processes"
+            )
+        # The accelerator wraps the trained modules and their optimizers (DDP, FSDP or
+        # DeepSpeed under a multi-process launch; unchanged in one process).
+        prepared = self.accelerator.prepare(
+            TrainStep(parts, self.reference), *[o for o in (self.opt_model, self.opt_schedule) if o]
+        )
+        prepared = list(prepared) if isinstance(prepared, tuple) else [prepared]
+        self.train_step = prepared.pop(0)
+        self.opt_model = prepared.pop(0) if self.opt_model else None
+        self.opt_schedule = prepared.pop(0) if self.opt_schedule else None
         self.gens = {s: torch.Generator().manual_seed(stream_seed(self.recipe.seed, s)) for s in STREAMS}
         torch.manual_seed(self.recipe.seed)
         self.iteration = 0
@@ -191,11 +228,7 @@ class Trainer:
 
     # -- one iteration -------------------------------------------------------------
     def _autocast(self):
-        mp = self.recipe.train.mixed_precision
-        if mp == "no":
-            return nullcontext()
-        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return self.accelerator.autocast()
 
     def rollout(self, phase: str) -> tuple[Trajectory, torch.Tensor, dict, dict, torch.Tensor, torch.Tensor]:
         """Sample this rank's share of the iteration's batch and score it.
@@ -248,13 +281,11 @@ class Trainer:
         pos_of = {int(gi): li for li, gi in enumerate(local.tolist())}
         n_terms = obj.num_terms(traj)
         stats: dict[str, list[float]] = defaultdict(list)
-        params, opts_, clips = [], [], []
+        opts_, clips = [], []
         if phase in ("model", "joint") and self.opt_model:
-            params += self.model_params
             opts_.append(self.opt_model)
             clips.append((self.model_params, t.model.max_grad_norm, "grad_norm_model"))
         if phase in ("schedule", "joint") and self.opt_schedule:
-            params += self.schedule_params
             opts_.append(self.opt_schedule)
             clips.append((self.schedule_params, t.schedule.max_grad_norm, "grad_norm_schedule"))
         clock = time.perf_counter()
@@ -275,13 +306,15 @@ class Trainer:
             for mb in perm.chunk(t.minibatches):
                 k = max(1, round(t.timestep_fraction * n_terms))
                 terms = sorted(torch.randperm(n_terms, generator=self.gens["update"])[:k].tolist())
-                mine = [pos_of[int(i)] for i in mb.tolist() if int(i) in pos_of]
+                # micro-batches of the global minibatch; each rank backwards its share
+                size = max(1, math.ceil(len(mb) / t.gradient_accumulation))
+                micro = [[pos_of[i] for i in m if i in pos_of] for m in _chunks(mb.tolist(), size)]
                 groups = [[x] for x in terms] if obj.update_per_term else [terms]
                 for step_terms in groups:
                     for opt in opts_:
                         opt.zero_grad(set_to_none=True)
                     clock = time.perf_counter()
-                    ok = self._accumulate(phase, traj, adv_global, local, mine, step_terms, len(mb), stats)
+                    ok = self._accumulate(phase, traj, adv_global, local, micro, step_terms, len(mb), stats)
                     times["time_replay_backward"] += time.perf_counter() - clock
                     clock = time.perf_counter()
                     ok = not self.dist.broadcast_flag(not ok)
@@ -290,9 +323,8 @@ class Trainer:
                         for opt in opts_:
                             opt.zero_grad(set_to_none=True)
                         continue
-                    self.dist.all_reduce_grads(params)
                     for ps, max_norm, label in clips:
-                        norm = torch.nn.utils.clip_grad_norm_(ps, max_norm if max_norm else float("inf"))
+                        norm = self.accelerator.clip_grad_norm_(ps, max_norm if max_norm else float("inf"))
                         stats[label].append(float(norm))
                     for opt in opts_:
                         opt.step()
@@ -349,35 +381,40 @@ class Trainer:
         seq_global = self.dist.scatter_sum(torch.cat(seq).double(), local, b_global)
         return {"kl_ref_k3": float(k3_global.mean()), "kl_ref_seq": float(seq_global.mean())}
 
-    def _accumulate(self, phase, traj, adv_global, local, mine, terms, mb_size, stats) -> bool:
-        """Backward the loss of this rank's part of one minibatch; False if non-finite."""
-        t = self.recipe.train
-        if not mine:
-            return True
-        micro = _chunks(mine, max(1, math.ceil(len(mine) / t.gradient_accumulation)))
-        for mi in micro:
-            ix = torch.tensor(mi, dtype=torch.long)
+    def _accumulate(self, phase, traj, adv_global, local, micro, terms, mb_size, stats) -> bool:
+        """Backward the loss of this rank's part of one minibatch; False if non-finite.
+
+        ``micro``: this rank's positions in each micro-batch of the global minibatch.
+        Every rank runs the same backward passes (one per micro-batch and term chunk):
+        gradients are synchronised on the last only (``no_sync`` before it), and a rank
+        without samples in a micro-batch backwards one of its trajectories with weight 0
+        so that it takes part in the synchronisation."""
+        t, acc = self.recipe.train, self.accelerator
+        scale = self.dist.world_size  # the engine averages the ranks' gradients; the loss is a sum
+        steps = [(mi, chunk) for mi in micro for chunk in _chunks(terms, t.term_chunk)]
+        ok = True
+        for n, (mi, chunk) in enumerate(steps):
+            if not mi and not self.dist.active:
+                continue
+            ix = torch.tensor(mi or [0], dtype=torch.long)
             sub = traj.select(ix)
             adv = adv_global[local[ix]].to(self.device)
-            for chunk in _chunks(terms, t.term_chunk):
-                train_text = phase in ("model", "joint")
-                with torch.set_grad_enabled(train_text), self._autocast():
-                    cond = self.parts.backbone.encode_prompts(sub.prompts)
-                    uncond = self.parts.backbone.null_conditioning(len(mi))
-                pol = Policies(
-                    self.parts.backbone, self.parts.schedule, self.parts.sampler, cond, uncond, self.reference
-                )
-                with self._autocast():
-                    out = self.parts.objective.loss(pol, sub, adv, chunk, phase)
-                if not torch.isfinite(out.loss):
+            last = n == len(steps) - 1
+            with nullcontext() if last else acc.no_sync(self.train_step), self._autocast():
+                out = self.train_step(phase, sub, adv, chunk)
+                finite = bool(torch.isfinite(out.loss))
+                if not finite and not self.dist.active:
                     return False
-                weight = (len(mi) / mb_size) * (len(chunk) / len(terms))
+                weight = (len(mi) / mb_size) * (len(chunk) / len(terms)) * scale
                 if out.loss.requires_grad:
-                    (out.loss * weight).backward()
+                    acc.backward(out.loss * weight)
+            if not finite:  # the other ranks still need this rank's backward passes
+                ok = False
+            elif mi and ok:
                 stats["loss"].append(float(out.loss.detach()))
                 for k, v in out.stats.items():
                     stats[k].append(float(v))
-        return True
+        return ok
 
     def iterate(self) -> dict:
         """Run iteration ``self.iteration`` (0-based) and return its metrics row."""
@@ -448,7 +485,7 @@ class Trainer:
         """Iterate until the plan is done, a stop is requested (Ctrl-C) or too many
         non-finite updates in a row. Returns "done", "interrupted" or "diverged"."""
         lg = self.recipe.logging
-        self.metrics = MetricsLog(self.run_dir, lg.tensorboard) if self.dist.is_main else None
+        self.metrics = MetricsLog(self.run_dir, lg.tensorboard, lg.trackers) if self.dist.is_main else None
         if self.metrics:
             self.metrics.truncate(self.iteration + 1)
         prev = signal.getsignal(signal.SIGINT)

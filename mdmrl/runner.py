@@ -142,7 +142,6 @@ def run(
     progress: bool = True,
 ) -> Path:
     """Start (or resume) a run; returns the run directory."""
-    dist = setup()
     fresh = not resume  # a new run, or a resumed one that never reached a checkpoint
     if resume:
         rd = Path(resume)
@@ -158,15 +157,21 @@ def run(
             raise UserError("run: a RECIPE or --resume RUN_DIR is required")
         loaded = rc.load(recipe_path, overrides)
         rd = Path(run_dir) if run_dir else rundir.default_run_dir(recipe_path)
-        if dist.is_main:
-            rundir.prepare(rd, overwrite)
     device = resolve_device(loaded.recipe.device)
+    dist = setup(loaded.recipe.train.mixed_precision, device)
+    if not resume and dist.is_main:
+        rundir.prepare(rd, overwrite)
     if device.type == "cuda" and dist.active:
         device = torch.device("cuda", dist.local_rank)
     parts = build_parts(loaded, device)  # weights load here: fails before the run dir exists
     trainer = Trainer(loaded, parts, rd, device, dist, log=_log)
     if dist.is_main:
         _log(f"mdmrl: plan: {rc.plan_summary(loaded.recipe.train)}")
+        if dist.active:
+            _log(
+                f"mdmrl: {dist.world_size} processes; accelerate {dist.engine} wraps the trained "
+                f"modules in {type(trainer.train_step).__name__}"
+            )
     if not fresh:
         trainer.restore(found[-1])
         _log(f"mdmrl: resuming {rd} after iteration {trainer.iteration} of {len(trainer.plan)}")

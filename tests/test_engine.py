@@ -148,7 +148,14 @@ def test_kl_to_the_initial_model_and_the_split_of_an_iteration_are_logged(toy_re
     rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl_ref_k3"] == 0.0 and rows[0]["kl_ref_seq"] == 0.0
     assert rows[1]["kl_ref_k3"] > 0.0 and all(r["kl_ref_k3"] > 0.0 for r in rows[1:])
-    parts = ("time_rollout", "time_reward", "time_kl", "time_prepare", "time_replay_backward", "time_optimizer")
+    parts = (
+        "time_rollout",
+        "time_reward",
+        "time_kl",
+        "time_prepare",
+        "time_replay_backward",
+        "time_optimizer",
+    )
     for r in rows:
         assert all(r[k] >= 0.0 for k in parts), r
         assert sum(r[k] for k in parts) <= r["time_iteration"] + 1e-6
@@ -198,3 +205,21 @@ def test_subsampled_kl_averages_to_the_full_measurement(toy_registry, toy_recipe
     for key in ("kl_ref_k3", "kl_ref_seq"):
         assert sum(x[key] for x in sub) / 4 == pytest.approx(full[key], rel=1e-5)
         assert len({round(x[key], 9) for x in sub}) > 1  # the subsets differ
+
+
+@pytest.mark.parametrize(("trackers", "tb_written"), [("[]", False), ('["tensorboard"]', True)])
+def test_the_recipe_trackers_reach_the_metrics_log(toy_registry, toy_recipe, tmp_path, trackers, tb_written):
+    """The engine hands ``logging.trackers`` itself to the metrics log: a run directory
+    without a resolved recipe.toml (benchmarks, library use) gets the recipe's trackers,
+    not the default ones."""
+    from mdmrl import recipe as rc
+    from mdmrl.build import build_parts
+    from mdmrl.engine import Trainer
+
+    overrides = ["train.cycles=1", "logging.tensorboard=true", f"logging.trackers={trackers}"]
+    loaded = rc.load(toy_recipe, overrides)
+    (tmp_path / "r").mkdir()
+    trainer = Trainer(loaded, build_parts(loaded), tmp_path / "r", torch.device("cpu"), log=lambda s: None)
+    assert trainer.train() == "done"
+    assert (tmp_path / "r" / "metrics.jsonl").is_file()
+    assert (tmp_path / "r" / "tb").is_dir() == tb_written
