@@ -38,6 +38,7 @@ from mdmrl.errors import UserError
 from mdmrl.interfaces import Backbone, BuildContext, NullConditioningCache
 from mdmrl.trajectory import BackboneOutput, Conditioning
 from mdmrl_plugins.llada.model import LLaDAConfig, LLaDAModel, load_weights, read_config, weight_files
+from mdmrl_plugins.text.pretrain import PretrainOptions
 from mdmrl_plugins.text.protocol import first_eos
 
 HUB_ID = "GSAI-ML/LLaDA-8B-Instruct"
@@ -221,6 +222,8 @@ class LLaDABackbone(Backbone):
 
     name = "llada"
     Options = LLaDAOptions
+    #: ``mdmrl pretrain``: the embedded text world's model (:mod:`mdmrl_plugins.text.pretrain`).
+    PretrainOptions = PretrainOptions
 
     def __init__(self, model: LLaDAModel, tokenizer, options: LLaDAOptions | None = None):
         super().__init__()
@@ -260,6 +263,14 @@ class LLaDABackbone(Backbone):
         folder = resolve_folder(options.path, ctx.recipe_dir)
         model, _ = build_model(folder, options, ctx.device)
         return cls(model, load_tokenizer(folder), options)
+
+    @classmethod
+    def pretrain(cls, options: PretrainOptions, output: str, progress=None) -> dict:
+        """Train the embedded arithmetic world's model from scratch and write the
+        checkpoint folder ``output``; see :func:`mdmrl_plugins.text.pretrain.pretrain`."""
+        from mdmrl_plugins.text.pretrain import pretrain
+
+        return pretrain(options, output, progress)
 
     @property
     def device(self) -> torch.device:

@@ -25,9 +25,19 @@ def register_rewarders(register):
     register(GSM8KInteger)
     register(GSM8KCorrect)
 
+    from mdmrl_plugins.text.arith import ArithCorrect, ArithFormat
+
+    register(ArithFormat)
+    register(ArithCorrect)
+
 
 @hookimpl
 def register_prompt_sources(register):
     from mdmrl_plugins.text.gsm8k import GSM8KPrompts
 
     register(GSM8KPrompts)
+
+    from mdmrl_plugins.text.arith import ArithHeldoutPrompts, ArithTrainPrompts
+
+    register(ArithTrainPrompts)
+    register(ArithHeldoutPrompts)
