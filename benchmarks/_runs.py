@@ -147,6 +147,29 @@ SMOKE = Budget(
 )
 
 
+#: The decisive runs of docs/results.md: benchmarks/iteration_cost.py's "fast"
+#: configuration (64 images per iteration, G = 8, T = 8, a quarter of the steps replayed
+#: in one minibatch), guidance-free as the quickstart (s = 1 in every recipe), 3 cycles
+#: of 6 model + 4 schedule iterations, 120 held-out prompts x 2 sampling seeds per
+#: evaluation of a trained model and x 4 of an untrained one.
+DECISIVE = Budget(
+    name="decisive",
+    batch=64,
+    group=8,
+    train_steps=8,
+    timestep_fraction=0.25,
+    minibatches=1,
+    cycles=3,
+    model_iterations=6,
+    schedule_iterations=4,
+    eval_prompts=120,
+    eval_count=120,
+    eval_seeds=2,
+    fixed_seeds=4,
+    guidance=1.0,
+)
+
+
 def pick_budget(name: str, budgets: dict[str, Budget], smoke: bool) -> Budget:
     """The named budget, or :data:`SMOKE` when ``smoke``."""
     return SMOKE if smoke else budgets[name]
@@ -556,6 +579,7 @@ def run_and_report(
 
 __all__ = [
     "Budget",
+    "DECISIVE",
     "difference",
     "directions_table",
     "eval_se",

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import (  # noqa: E402
+    DECISIVE,
     OUT,
     Budget,
     Runner,
@@ -61,26 +62,9 @@ BUDGETS = {
         eval_prompts=24,
         fixed_seeds=3,
     ),
-    # ten times "full"'s training samples (30 iterations x 64 = 1920 against 12 x 16),
-    # guidance-free as the quickstart, a quarter of the steps replayed in one minibatch
-    # (benchmarks/iteration_cost.py's "fast" configuration), 120 held-out prompts x 2
-    # sampling seeds per evaluation: about 6 minutes a run on 1 thread of a 2-core CPU
-    "decisive": Budget(
-        name="decisive",
-        batch=64,
-        group=8,
-        train_steps=8,
-        timestep_fraction=0.25,
-        minibatches=1,
-        cycles=3,
-        model_iterations=6,
-        schedule_iterations=4,
-        eval_prompts=120,
-        eval_count=120,
-        eval_seeds=2,
-        fixed_seeds=4,
-        guidance=1.0,
-    ),
+    # ten times "full"'s training samples (30 iterations x 64 = 1920 against 12 x 16):
+    # about 6 minutes a run on 1 thread of a 2-core CPU
+    "decisive": DECISIVE,
 }
 
 GAMMAS = (1.0, 1.5, 2.0)

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _runs import (  # noqa: E402
+    DECISIVE,
     OUT,
     Budget,
     Runner,
@@ -31,6 +32,7 @@ from _runs import (  # noqa: E402
     fmt,
     mean_se,
     pick_budget,
+    replace,
     run_and_report,
     setup_threads,
     table,
@@ -60,26 +62,9 @@ BUDGETS = {
         fixed_seeds=3,
         minutes=0.75,
     ),
-    # 3.5 CPU minutes of training per run in the "fast" configuration (about 3000 samples
-    # at 70 ms each, against about 270 in "full"'s 0.75 min at 165 ms), guidance-free,
-    # 120 held-out prompts x 2 sampling seeds: about 80 minutes for 3 seeds on 1 thread
-    "decisive": Budget(
-        name="decisive",
-        batch=64,
-        group=8,
-        train_steps=8,
-        timestep_fraction=0.25,
-        minibatches=1,
-        model_iterations=6,
-        schedule_iterations=4,
-        eval_prompts=120,
-        eval_count=120,
-        eval_seeds=2,
-        fixed_seeds=4,
-        minutes=3.5,
-        guidance=1.0,
-        cpu_clock=True,
-    ),
+    # 3.5 CPU minutes of training per run (about 3000 samples at 70 ms each, against
+    # about 270 in "full"'s 0.75 min at 165 ms): about 80 minutes for 3 seeds on 1 thread
+    "decisive": replace(DECISIVE, minutes=3.5, cpu_clock=True),
 }
 
 #: (label, recipe, overrides, sampler shown in the table)
