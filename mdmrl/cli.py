@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--num-processes", type=int, default=1, help="launch N processes through accelerate")
+    r.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="launch through accelerate with this config file (configs/accelerate/: ddp, fsdp, zero2, "
+        "zero3, multinode, cpu)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     overrides(r)
 
@@ -122,34 +128,78 @@ def _validate(path: str, overrides: list[str]) -> str:
     )
 
 
-def _launch_multi(args: argparse.Namespace, argv: list[str]) -> int:
+def _without(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _relaunch(launcher: list[str], rest: list[str]) -> int:
+    """Run ``mdmrl REST`` in the processes ``accelerate launch LAUNCHER`` starts."""
     import subprocess
 
-    rest = [a for a in argv if not a.startswith("--num-processes")]
-    if "--num-processes" in argv:
-        i = argv.index("--num-processes")
-        rest = argv[:i] + argv[i + 2 :]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        str(args.num_processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "-m", "mdmrl", *rest]
+    return subprocess.call(cmd)
+
+
+def _launch_multi(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
     if not torch.cuda.is_available():
         os.environ["ACCELERATE_USE_CPU"] = "1"
+    launcher = ["--num_processes", str(args.num_processes), "--num_machines", "1"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     if args.num_processes > 1:
-        cmd.append("--multi_gpu")
-    cmd += ["-m", "mdmrl", *rest]
-    return subprocess.call(cmd)
+        launcher.append("--multi_gpu")
+    return _relaunch(launcher, _without(argv, "--num-processes"))
+
+
+def accelerate_config(path: str, mixed_precision: str | None):
+    """Read an accelerate config file (as ``accelerate launch`` does) and check what
+    would fail after the processes start: DeepSpeed without its package, FSDP
+    without a GPU, a mixed precision other than the recipe's. UserError otherwise."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from mdmrl.distributed import check_deepspeed
+
+    where = f"--accelerate-config {path}"
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: file not found (shipped configs: configs/accelerate/*.yaml)")
+    try:
+        config = load_config_from_file(path)
+    except Exception as exc:  # noqa: BLE001 - yaml, json, unknown keys or values: one line
+        reason = " ".join(str(exc).split())
+        raise UserError(f"{where}: not a valid accelerate config ({reason})") from None
+    kind = str(getattr(config, "distributed_type", "NO")).split(".")[-1]
+    if kind == "DEEPSPEED":
+        check_deepspeed()
+    if kind == "FSDP":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"{where}: FSDP runs on GPUs only under accelerate, and none is available")
+    launched = str(config.mixed_precision or "no")
+    if mixed_precision is not None and launched not in ("no", mixed_precision):
+        raise UserError(
+            f"{where}: mixed_precision {launched!r} differs from the recipe's train.mixed_precision "
+            f"{mixed_precision!r}; add --set train.mixed_precision={launched}"
+        )
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +256,28 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "run":
         if args.num_processes < 1:
             raise UserError(f"--num-processes: {args.num_processes} is not allowed; use 1 or more")
+        if args.accelerate_config and args.num_processes > 1:
+            raise UserError(
+                "--num-processes and --accelerate-config: give one (the config sets num_processes)"
+            )
+        if args.accelerate_config and "WORLD_SIZE" not in os.environ:
+            from mdmrl import recipe as rc
+
+            if args.recipe:
+                mp = rc.load(args.recipe, args.overrides).recipe.train.mixed_precision
+            elif args.resume and os.path.isfile(os.path.join(args.resume, "recipe.toml")):
+                mp = rc.load(
+                    os.path.join(args.resume, "recipe.toml"), run_dir=True
+                ).recipe.train.mixed_precision
+            else:
+                mp = None
+            config = accelerate_config(args.accelerate_config, mp)
+            if config.use_cpu:
+                os.environ["ACCELERATE_USE_CPU"] = "1"
+            launcher = ["--config_file", args.accelerate_config]
+            if config.num_machines <= 1 and not config.main_process_port:
+                launcher += ["--main_process_port", str(_free_port())]  # two runs on one machine
+            return _relaunch(launcher, _without(argv, "--accelerate-config"))
         if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
             if args.recipe:
                 from mdmrl import recipe as rc
