@@ -1,5 +1,5 @@
-"""The KL penalty beta works for both objectives (grpo, which Co-GRPO and Naive GRPO
-share, here in the Co-GRPO recipe's model phase; mask-grpo): with the same seed and updates large
+"""The KL penalty beta works for both objectives and every method (grpo in the Co-GRPO
+recipe's model phase and in Naive GRPO; mask-grpo): with the same seed and updates large
 enough to move the model, a run with kl_beta > 0 ends closer to the initial model (the
 engine's kl_ref_k3 monitor on the rollout tokens) than the same run with kl_beta = 0.
 
@@ -43,7 +43,14 @@ CASES = {
         ],
     ),
     "mask-grpo": ("mask_grpo.toml", ["train.iterations=6", "sampler.steps=4", "objective.options.mu=2"]),
+    # Naive GRPO without guidance: at beta = 1 its late KL is not lower here (4.64 against
+    # 4.71 with beta = 0, one seed), at beta = 5 it is (1.61): a penalty of one unit is
+    # weak against this run's policy gradient, so the test uses the larger beta
+    "naive-grpo": ("naive_grpo_no_cfg.toml", ["train.iterations=6", "sampler.steps=4"]),
 }
+
+#: the penalty's beta in the penalised run of each case (the other has beta = 0)
+BETA = {"co-grpo": 1.0, "mask-grpo": 1.0, "naive-grpo": 5.0}
 
 
 def late_model_kl(rd: Path) -> float:
@@ -57,7 +64,7 @@ def late_model_kl(rd: Path) -> float:
 def test_kl_penalty_keeps_the_model_closer_to_the_reference(method, tmp_path):
     recipe, extra = CASES[method]
     kls = {}
-    for beta in (0.0, 1.0):
+    for beta in (0.0, BETA[method]):
         rd = run(
             str(RECIPES / recipe),
             str(tmp_path / f"b{beta}"),
@@ -66,4 +73,4 @@ def test_kl_penalty_keeps_the_model_closer_to_the_reference(method, tmp_path):
         )
         kls[beta] = late_model_kl(rd)
     assert kls[0.0] > 0.0
-    assert kls[1.0] < 0.7 * kls[0.0], kls
+    assert kls[BETA[method]] < 0.7 * kls[0.0], kls
