@@ -4,9 +4,13 @@
 Layout of ``RUN_DIR/checkpoints/iter_000012/`` (12 iterations completed):
 ``backbone.safetensors`` (trainable backbone parameters), ``schedule.safetensors``,
 ``state.pt`` (optimizers, LR schedulers, every RNG state), ``meta.json``
-(iteration, phase position, counters, resolved-recipe digest). A checkpoint is
-written into a temporary folder, every file fsynced, then renamed into place, so a
-crash (even SIGKILL mid-write) leaves either the old set or the new one, never half.
+(iteration, phase position, counters, resolved-recipe digest). A run whose model and
+optimizer states are split across processes (FSDP) adds ``sharded/``: every rank's
+shards of the model and of the optimizers (torch.distributed.checkpoint), which its
+resume reads; the safetensors files hold the whole weights all the same, so
+evaluation, sampling and export read any checkpoint alike. A checkpoint is written
+into a temporary folder, every file fsynced, then renamed into place, so a crash (even
+SIGKILL mid-write) leaves either the old set or the new one, never half.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from mdmrl.errors import UserError
 
 _NAME = re.compile(r"^iter_(\d{6,})$")
+SHARDED = "sharded"
 
 
 def _fsync_file(path: Path) -> None:
@@ -53,6 +58,18 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def staging(root: Path, iteration: int, create: bool) -> Path:
+    """The temporary folder of checkpoint ``iteration`` that several processes fill
+    (the same path on every rank); ``create``: the one process that empties and makes it."""
+    tmp = root / f".tmp-iter_{iteration:06d}-shared"
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    return tmp
+
+
 def save(
     root: Path,
     iteration: int,
@@ -61,20 +78,26 @@ def save(
     state: dict[str, Any],
     meta: dict[str, Any],
     keep: int,
+    staging: Path | None = None,
 ) -> Path:
-    """Write checkpoint ``iter_<iteration>`` atomically and keep the last ``keep``."""
+    """Write checkpoint ``iter_<iteration>`` atomically and keep the last ``keep``.
+    ``staging``: a temporary folder that other processes already wrote into."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter_{iteration:06d}"
-    tmp = root / f".tmp-iter_{iteration:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging or root / f".tmp-iter_{iteration:06d}-{os.getpid()}"
+    if staging is None:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     save_file(trainable_state(backbone), str(tmp / "backbone.safetensors"))
     save_file(trainable_state(schedule), str(tmp / "schedule.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    for f in tmp.iterdir():
-        _fsync_file(f)
+    for f in tmp.rglob("*"):  # sharded/ holds a folder of its own
+        if f.is_file():
+            _fsync_file(f)
+        else:
+            _fsync_dir(f)
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same iteration (e.g. Ctrl-C right after a save)
         shutil.rmtree(final)
@@ -109,17 +132,23 @@ def _load_into(module: torch.nn.Module, path: Path) -> None:
             own[k].copy_(v)
 
 
-def load(path: Path, backbone: torch.nn.Module, schedule: torch.nn.Module) -> tuple[dict, dict]:
-    """Load weights into the modules; return (state, meta). Bad files raise UserError."""
+def read(path: Path) -> tuple[dict, dict]:
+    """(state, meta) of a checkpoint, without its weights. Bad files raise UserError."""
     meta_path = path / "meta.json"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{meta_path}: corrupt or missing checkpoint metadata ({exc})") from None
-    _load_into(backbone, path / "backbone.safetensors")
-    _load_into(schedule, path / "schedule.safetensors")
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable state is a user-facing error
         raise UserError(f"{path / 'state.pt'}: corrupt or unreadable checkpoint state ({exc})") from None
+    return state, meta
+
+
+def load(path: Path, backbone: torch.nn.Module, schedule: torch.nn.Module) -> tuple[dict, dict]:
+    """Load weights into the modules; return (state, meta). Bad files raise UserError."""
+    state, meta = read(path)
+    _load_into(backbone, path / "backbone.safetensors")
+    _load_into(schedule, path / "schedule.safetensors")
     return state, meta

@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,14 +92,16 @@ class TrainStep(torch.nn.Module):
         super().__init__()
         self.backbone = parts.backbone
         self.schedule = parts.schedule
-        self._sampler, self._objective, self._reference = parts.sampler, parts.objective, reference
+        # a tuple, so that none of them is registered as a child module
+        self._others = (parts.sampler, parts.objective, reference)
 
     def forward(self, phase: str, sub: Trajectory, adv: torch.Tensor, terms: list[int]) -> LossOutput:
         with torch.set_grad_enabled(phase in ("model", "joint")):  # a trainable text encoder
             cond = self.backbone.encode_prompts(sub.prompts)
             uncond = self.backbone.null_conditioning(sub.batch_size)
-        pol = Policies(self.backbone, self.schedule, self._sampler, cond, uncond, self._reference)
-        return self._objective.loss(pol, sub, adv, terms, phase)
+        sampler, objective, reference = self._others
+        pol = Policies(self.backbone, self.schedule, sampler, cond, uncond, reference)
+        return objective.loss(pol, sub, adv, terms, phase)
 
 
 class Trainer:
@@ -145,15 +147,30 @@ class Trainer:
                 f"train: a batch of {smallest} trajectories cannot be shared by {self.dist.world_size} "
                 "processes; use a batch_size of at least the number of processes"
             )
+        if self.dist.engine == "DEEPSPEED" and self.opt_model and self.opt_schedule:
+            raise UserError(
+                f"train.mode: {t.mode!r} trains the model and the schedule with one optimizer each; "
+                'DeepSpeed takes one model with one optimizer: use mode = "naive" or an FSDP/DDP config'
+            )
         # The accelerator wraps the trained modules and their optimizers (DDP, FSDP or
         # DeepSpeed under a multi-process launch; unchanged in one process).
         prepared = self.accelerator.prepare(
             TrainStep(parts, self.reference), *[o for o in (self.opt_model, self.opt_schedule) if o]
         )
-        prepared = list(prepared) if isinstance(prepared, tuple) else [prepared]
+        prepared = list(prepared) if isinstance(prepared, (tuple, list)) else [prepared]
         self.train_step = prepared.pop(0)
         self.opt_model = prepared.pop(0) if self.opt_model else None
         self.opt_schedule = prepared.pop(0) if self.opt_schedule else None
+        if self.dist.engine == "FSDP":
+            # Rollouts call the backbone's blocks before any forward of the wrapper; FSDP
+            # would take the first block so called for the root of the tree. Make the
+            # wrapper the root now, as its first forward would.
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard.state(self.train_step)._lazy_init()
+        # FSDP replaces the modules' parameters by sharded ones: clip those
+        self.model_params = [p for p in parts.backbone.parameters() if p.requires_grad]
+        self.schedule_params = [p for p in parts.schedule.parameters() if p.requires_grad]
         self.gens = {s: torch.Generator().manual_seed(stream_seed(self.recipe.seed, s)) for s in STREAMS}
         torch.manual_seed(self.recipe.seed)
         self.iteration = 0
@@ -173,9 +190,10 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        sharded = self.dist.sharded  # optimizer states are in the checkpoint's sharded/ folder
         return {
-            "optim_model": self.opt_model.state_dict() if self.opt_model else {},
-            "optim_schedule": self.opt_schedule.state_dict() if self.opt_schedule else {},
+            "optim_model": self.opt_model.state_dict() if self.opt_model and not sharded else {},
+            "optim_schedule": self.opt_schedule.state_dict() if self.opt_schedule and not sharded else {},
             "rng": {s: g.get_state() for s, g in self.gens.items()},
             "torch_rng": torch.get_rng_state(),
         }
@@ -192,31 +210,146 @@ class Trainer:
             "recipe_digest": recipe_digest(self.loaded),
         }
 
+    @contextmanager
+    def full_parameters(self):
+        """The trained modules' whole parameters on every rank, for work outside the
+        wrapped forward (rollouts, evaluation, images, whole-weight checkpoints): FSDP
+        keeps them sharded between forwards (DeepSpeed ZeRO-3 partitions them). Collective:
+        every rank enters it. Nothing to do in one process or under DDP."""
+        units = []
+        if self.dist.engine == "DEEPSPEED":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.train_step.parameters()), modifier_rank=None):
+                yield
+            return
+        if self.dist.engine == "FSDP":
+            from torch.distributed.fsdp import FSDPModule
+
+            units = [m for m in self.train_step.modules() if isinstance(m, FSDPModule)]
+        # Blocks called inside stay gathered: resharding after each call would all-gather
+        # again at the next, a collective that ranks sampling different numbers of
+        # chunks (or the main process evaluating alone) would not match.
+        after = getattr(self.accelerator.state.fsdp_plugin, "reshard_after_forward", True) if units else True
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(bool(after), recurse=False)
+
+    @contextmanager
+    def _local_gradients(self):
+        """A backward pass whose gradients stay on this rank, accumulated until the last
+        pass of the optimizer step: ``no_sync`` for DDP and FSDP; DeepSpeed's engine
+        reads the accelerator's sync flag instead (it would step otherwise)."""
+        state = self.accelerator.gradient_state
+        state._set_sync_gradients(False)
+        try:
+            with self.accelerator.no_sync(self.train_step):
+                yield
+        finally:
+            state._set_sync_gradients(True)
+
+    def _optimizers(self) -> dict[str, Any]:
+        return {k: o for k, o in (("model", self.opt_model), ("schedule", self.opt_schedule)) if o}
+
     def save_checkpoint(self) -> Path | None:
-        if not self.dist.is_main:
-            return None
+        """Write checkpoint ``iter_<iteration>``: whole trainable weights (safetensors),
+        optimizer and RNG states, metadata. Under FSDP every rank also writes its shards
+        of the model and of each optimizer that has state into ``sharded/``
+        (torch.distributed.checkpoint), which a resume reads back."""
         lg = self.recipe.logging
-        return ckpt.save(
-            self.run_dir / "checkpoints",
-            self.iteration,
-            self.parts.backbone,
-            self.parts.schedule,
-            self.state(),
-            self.meta(),
-            keep=lg.keep_checkpoints,
+        root = self.run_dir / "checkpoints"
+        if not self.dist.sharded:
+            if not self.dist.is_main:
+                return None
+            return ckpt.save(
+                root,
+                self.iteration,
+                self.parts.backbone,
+                self.parts.schedule,
+                self.state(),
+                self.meta(),
+                keep=lg.keep_checkpoints,
+            )
+        staging = ckpt.staging(root, self.iteration, create=self.dist.is_main)
+        self.dist.barrier()
+        saved = self._save_shards(staging / ckpt.SHARDED)
+        final = None
+        with self.full_parameters():
+            if self.dist.is_main:
+                final = ckpt.save(
+                    root,
+                    self.iteration,
+                    self.parts.backbone,
+                    self.parts.schedule,
+                    self.state(),
+                    {**self.meta(), "sharded_optimizers": saved},
+                    keep=lg.keep_checkpoints,
+                    staging=staging,
+                )
+            self.dist.barrier()
+        return final
+
+    def _save_shards(self, folder: Path) -> list[str]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        if self.dist.engine == "DEEPSPEED":  # one model, one optimizer: accelerate's own format
+            self.accelerator.save_state(str(folder))
+            return sorted(self._optimizers())
+        # an optimizer that has not stepped yet has no state; asking torch for its state
+        # dict would initialise it (one silent step), so it is left out
+        opts = {k: o.optimizer for k, o in self._optimizers().items() if o.optimizer.state}
+        sd = {"model": get_model_state_dict(self.train_step)}
+        sd.update({f"optim_{k}": get_optimizer_state_dict(self.train_step, o) for k, o in opts.items()})
+        dcp.save(sd, checkpoint_id=str(folder))
+        return sorted(opts)
+
+    def _load_shards(self, folder: Path, names: list[str]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
         )
 
+        if self.dist.engine == "DEEPSPEED":
+            self.accelerator.load_state(str(folder))
+            return
+        opts = {k: o.optimizer for k, o in self._optimizers().items() if k in names}
+        sd = {"model": get_model_state_dict(self.train_step)}
+        sd.update({f"optim_{k}": get_optimizer_state_dict(self.train_step, o) for k, o in opts.items()})
+        dcp.load(sd, checkpoint_id=str(folder))
+        set_model_state_dict(self.train_step, sd["model"])
+        for k, o in opts.items():
+            set_optimizer_state_dict(self.train_step, o, sd[f"optim_{k}"])
+
     def restore(self, path: Path) -> None:
-        state, meta = ckpt.load(path, self.parts.backbone, self.parts.schedule)
+        sharded = self.dist.sharded
+        if sharded:
+            state, meta = ckpt.read(path)
+        else:
+            state, meta = ckpt.load(path, self.parts.backbone, self.parts.schedule)
         if meta.get("recipe_digest") != recipe_digest(self.loaded):
             raise UserError(
                 f"{path}: checkpoint was written by a different recipe than {self.run_dir}/recipe.toml"
             )
+        if sharded and not (path / ckpt.SHARDED).is_dir():
+            raise UserError(f"{path}: has no {ckpt.SHARDED}/ folder; it was not written by a sharded run")
         try:
-            if self.opt_model:
-                self.opt_model.load_state_dict(state["optim_model"])
-            if self.opt_schedule:
-                self.opt_schedule.load_state_dict(state["optim_schedule"])
+            if sharded:
+                self._load_shards(path / ckpt.SHARDED, meta.get("sharded_optimizers", []))
+            else:
+                if self.opt_model:
+                    self.opt_model.load_state_dict(state["optim_model"])
+                if self.opt_schedule:
+                    self.opt_schedule.load_state_dict(state["optim_schedule"])
             for s, g in self.gens.items():
                 g.set_state(state["rng"][s])
             torch.set_rng_state(state["torch_rng"])
@@ -248,23 +381,26 @@ class Trainer:
         trajs, futures = [], []
         bb, sch = self.parts.backbone, self.parts.schedule
         t_sample = t_reward = 0.0
-        for idx in _chunks(local.tolist(), t.rollout_batch):
-            ix = torch.tensor(idx, dtype=torch.long)
-            t0 = time.perf_counter()
-            with torch.no_grad(), self._autocast():
-                traj = self.parts.sampler.sample(
-                    bb, sch, [all_prompts[i] for i in idx], r.sampler.steps, seeds[ix], group_ids[ix]
+        with self.full_parameters():  # sampling calls the modules outside the wrapper
+            for idx in _chunks(local.tolist(), t.rollout_batch):
+                ix = torch.tensor(idx, dtype=torch.long)
+                t0 = time.perf_counter()
+                with torch.no_grad(), self._autocast():
+                    traj = self.parts.sampler.sample(
+                        bb, sch, [all_prompts[i] for i in idx], r.sampler.steps, seeds[ix], group_ids[ix]
+                    )
+                t1 = time.perf_counter()
+                trajs.append(traj)
+                futures.append(
+                    self.worker.submit(
+                        GeneratedBatch(traj.prompts, traj.final_tokens, bb.grid_shape, bb.decode)
+                    )
                 )
-            t1 = time.perf_counter()
-            trajs.append(traj)
-            futures.append(
-                self.worker.submit(GeneratedBatch(traj.prompts, traj.final_tokens, bb.grid_shape, bb.decode))
-            )
-            t_sample += t1 - t0
-            t_reward += time.perf_counter() - t1
-        wait_start = time.perf_counter()
-        results = [f.result() for f in futures]
-        t_wait = time.perf_counter() - wait_start
+                t_sample += t1 - t0
+                t_reward += time.perf_counter() - t1
+            wait_start = time.perf_counter()
+            results = [f.result() for f in futures]  # background scoring decodes with the model
+            t_wait = time.perf_counter() - wait_start
         traj = Trajectory.cat(trajs) if len(trajs) > 1 else trajs[0]
         res = concat_results(results)
         total = self.dist.scatter_sum(res.total, local, b)
@@ -289,7 +425,7 @@ class Trainer:
             opts_.append(self.opt_schedule)
             clips.append((self.schedule_params, t.schedule.max_grad_norm, "grad_norm_schedule"))
         clock = time.perf_counter()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self.full_parameters():
             bb = self.parts.backbone
             cond, uncond = bb.encode_prompts(traj.prompts), bb.null_conditioning(traj.batch_size)
             obj.prepare(
@@ -325,7 +461,8 @@ class Trainer:
                         continue
                     for ps, max_norm, label in clips:
                         norm = self.accelerator.clip_grad_norm_(ps, max_norm if max_norm else float("inf"))
-                        stats[label].append(float(norm))
+                        if norm is not None:  # DeepSpeed clips inside its step
+                            stats[label].append(float(norm))
                     for opt in opts_:
                         opt.step()
                     times["time_optimizer"] += time.perf_counter() - clock
@@ -400,7 +537,7 @@ class Trainer:
             sub = traj.select(ix)
             adv = adv_global[local[ix]].to(self.device)
             last = n == len(steps) - 1
-            with nullcontext() if last else acc.no_sync(self.train_step), self._autocast():
+            with nullcontext() if last else self._local_gradients(), self._autocast():
                 out = self.train_step(phase, sub, adv, chunk)
                 finite = bool(torch.isfinite(out.loss))
                 if not finite and not self.dist.active:
@@ -463,22 +600,24 @@ class Trainer:
             self.bad_in_row = 0
         row["bad_updates_total"] = self.bad_total
         self.iteration += 1
-        if (
-            self.dist.is_main
-            and self.recipe.logging.image_every
-            and self.iteration % self.recipe.logging.image_every == 0
-        ):
-            from mdmrl.images import save_grid
-
-            n = min(16, traj.batch_size)
-            with torch.no_grad():
-                imgs = self.parts.backbone.decode(traj.final_tokens[:n])
-            save_grid(
-                imgs.float().cpu(),
-                traj.prompts[:n],
-                self.run_dir / "images" / f"iter_{self.iteration:06d}.png",
-            )
+        every = self.recipe.logging.image_every
+        if every and self.iteration % every == 0:
+            with self.full_parameters():
+                if self.dist.is_main:
+                    self._save_images(traj)
         return row
+
+    def _save_images(self, traj: Trajectory) -> None:
+        from mdmrl.images import save_grid
+
+        n = min(16, traj.batch_size)
+        with torch.no_grad():
+            imgs = self.parts.backbone.decode(traj.final_tokens[:n])
+        save_grid(
+            imgs.float().cpu(),
+            traj.prompts[:n],
+            self.run_dir / "images" / f"iter_{self.iteration:06d}.png",
+        )
 
     # -- the loop -----------------------------------------------------------------------
     def train(self, progress=None) -> str:

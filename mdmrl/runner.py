@@ -189,20 +189,25 @@ def run(
     dist.barrier()
     e = loaded.recipe.eval
     eval_dir = rd / "eval"
-    if dist.is_main and e.before:
-        run_eval(parts, loaded, "base", eval_dir, missing_steps(eval_dir, "base", e.steps))
-    if dist.is_main and e.before and e.reference is not None:
-        steps = missing_steps(eval_dir, "reference", e.steps)
-        if steps:
-            run_reference_eval(parts, loaded, eval_dir, device, steps)
+    with trainer.full_parameters():  # the main process evaluates with the whole model
+        if dist.is_main and e.before:
+            run_eval(parts, loaded, "base", eval_dir, missing_steps(eval_dir, "base", e.steps))
+        if dist.is_main and e.before and e.reference is not None:
+            steps = missing_steps(eval_dir, "reference", e.steps)
+            if steps:
+                run_reference_eval(parts, loaded, eval_dir, device, steps)
+        dist.barrier()
     status = _train_with_progress(trainer, progress and dist.is_main)
+    if status == "done" and e.after:
+        with trainer.full_parameters():
+            if dist.is_main:
+                after = run_eval(parts, loaded, "trained", eval_dir, e.steps)
+                ref_name = e.reference.name if e.reference is not None else ""
+                text = summary(load_eval(eval_dir, "base"), after, load_eval(eval_dir, "reference"), ref_name)
+                (eval_dir / "summary.md").write_text(text)
+                print(text)
+            dist.barrier()
     if dist.is_main and status == "done":
-        if e.after:
-            after = run_eval(parts, loaded, "trained", eval_dir, e.steps)
-            ref_name = e.reference.name if e.reference is not None else ""
-            text = summary(load_eval(eval_dir, "base"), after, load_eval(eval_dir, "reference"), ref_name)
-            (eval_dir / "summary.md").write_text(text)
-            print(text)
         from mdmrl.report import report
 
         report(rd)

@@ -50,6 +50,10 @@ def test_every_shipped_config_parses_and_names_its_engine():
         if kind == "FSDP":
             assert config.fsdp_config["fsdp_version"] == 2
             assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+            assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+            blocks = config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+            source = (ROOT / "plugins" / "meissonic" / "transformer.py").read_text()
+            assert blocks and all(f"class {b}(nn.Module)" in source for b in blocks)  # Meissonic's blocks
         text = path.read_text()
         rel = f"configs/accelerate/{name}.yaml"
         assert f"mdmrl run RECIPE --accelerate-config {rel}" in text, name

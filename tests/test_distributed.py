@@ -20,9 +20,9 @@ from mdmrl import checkpoint as ckpt
 
 TESTS = Path(__file__).resolve().parent
 
-# rank 0 kills itself (SIGKILL) at its n-th optimizer step, then runs tests/toy_main.py
-KILL_RANK0 = """
-import os, runpy, signal, sys
+# script lines: rank 0 kills itself (SIGKILL) at its n-th optimizer step
+KILL_RANK0_AT = """
+import os, signal
 import torch
 if os.environ.get("RANK") == "0":
     real, count = torch.optim.AdamW.step, [0]
@@ -32,9 +32,16 @@ if os.environ.get("RANK") == "0":
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, *a, **k)
     torch.optim.AdamW.step = step
+"""
+# ... then runs tests/toy_main.py
+KILL_RANK0 = (
+    KILL_RANK0_AT
+    + """
+import runpy, sys
 sys.argv[0] = {main!r}
 runpy.run_path({main!r}, run_name="__main__")
 """
+)
 
 
 def _free_port() -> int:
