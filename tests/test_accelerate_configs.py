@@ -180,3 +180,8 @@ def test_both_launch_paths_run_two_processes(tmp_path):
         ), proc.stderr[-3000:]
         rows.append(_rows(run_dir))
     assert len(rows[0]) == 2 and rows[0] == rows[1]
+
+
+def test_num_processes_and_a_config_are_one_or_the_other(toy_registry, tmp_path, capsys):
+    code, err = _cli(tmp_path, capsys, str(CONFIGS / "cpu.yaml"), "--num-processes", "2")
+    assert code == 2 and "--num-processes and --accelerate-config: give one" in err and err.count("\n") == 1
