@@ -1,26 +1,27 @@
 """The embedded text world: integer arithmetic solved in a fixed worked format.
 
 A problem is a chain of single-digit operands 1-9 joined by ``n`` operators from
-``+ - *`` (``n`` = 1, 2 or 3), e.g. ``7+5*3-4``. Its worked solution rewrites the
-expression one operation at a time, in the order of the usual precedence (the leftmost
-``*`` first while there is one, then ``+`` and ``-`` from left to right), and ends with
-the result after ``####``::
+``+ - *`` (``n`` = 1, 2 or 3), e.g. ``7+5*3-4``, evaluated from left to right (a
+calculator chain: no operator precedence). Its worked solution applies one operator per
+step to the running value, each step written ``a op b=c`` and followed by a space, and
+ends with the result after ``####``::
 
     prompt      7+5*3-4=
-    completion  7+15-4=22-4=18 #### 18
+    completion  7+5=12 12*3=36 36-4=32 #### 32
 
-so a completion of a problem with n operators is n - 1 rewritten expressions, the
-result, and the result again after `` #### ``. Every value is an exact integer (only
-the leftmost value of an expression can be negative, so no ``--`` ever appears).
+Every value is an exact integer; the running value may be negative (``1-9=-8 -8*3=-24``),
+the operands never are.
 
 Splits: a problem (its expression text) is held out when the first 8 bytes of its
 SHA-256, read as a big-endian integer, are 0 modulo :data:`HELDOUT_MODULUS` (one problem
 in five); every other problem is a training problem. The two never share a problem.
 
-Rewards (each 0 or 1, on the text before the completion's end-of-sequence token):
+Rewards (each 0 or 1, on the text before the completion's end-of-sequence token,
+leading and trailing spaces ignored):
 
-- ``arith-format``: the text is in the worked format, ``(E=)* v #### w`` with E an
-  expression of integers and operators, v and w integers (:data:`WORKED`);
+- ``arith-format``: the text is in the worked format, one or more ``a op b=c`` steps
+  each followed by a space, then ``#### v``, with a, c and v integers and b a digit
+  string (:data:`WORKED`);
 - ``arith-correct``: the integer after the last ``####`` equals the value of the
   prompt's expression (the prompt is read back as a problem; a prompt that is not one
   is an error).
@@ -28,6 +29,7 @@ Rewards (each 0 or 1, on the text before the completion's end-of-sequence token)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import re
@@ -45,57 +47,51 @@ DIGITS = tuple(range(1, 10))
 OP_COUNTS = (1, 2, 3)
 HELDOUT_MODULUS = 5
 SPLITS = ("train", "heldout")
-ANSWER_MARK = " #### "
+ANSWER_MARK = "#### "
 PROBLEM = re.compile(r"[1-9](?:[+\-*][1-9]){1,3}")
 _INT = r"-?\d+"
-_EXPR = rf"{_INT}(?:[+\-*]\d+)+"
-#: The worked format: rewritten expressions each followed by "=", an integer, " #### ", an integer.
-WORKED = re.compile(rf"(?:{_EXPR}=)*({_INT}) #### ({_INT})")
+#: The worked format: steps "a op b=c" each followed by a space, then "#### " and an integer.
+WORKED = re.compile(rf"(?:{_INT}[+\-*]\d+={_INT} )+#### ({_INT})")
 _ANSWER = re.compile(rf"####\s*({_INT})\s*$")
 
 
 # --------------------------------------------------------------------------- problems
 
 
-def tokens_of(expr: str) -> list:
-    """``"7+15-4"`` -> ``[7, "+", 15, "-", 4]`` (a leading minus belongs to the first number)."""
-    out: list = []
-    for m in re.finditer(r"(?<![\d])-?\d+|[+\-*]", expr):
-        s = m.group(0)
-        out.append(s if s in OPERATORS else int(s))
-    return out
-
-
 def _text(items: list) -> str:
     return "".join(str(x) for x in items)
 
 
-def reduce_once(items: list) -> list:
-    """One operation of the worked solution: the leftmost ``*`` if any, else the
-    leftmost ``+`` or ``-``; returns the shorter list."""
-    ops = items[1::2]
-    at = ops.index("*") if "*" in ops else 0
-    a, op, b = items[2 * at], ops[at], items[2 * at + 2]
-    value = a * b if op == "*" else a + b if op == "+" else a - b
-    return items[: 2 * at] + [value] + items[2 * at + 3 :]
+def _apply(a: int, op: str, b: int) -> int:
+    return a * b if op == "*" else a + b if op == "+" else a - b
+
+
+def steps_of(problem: str) -> list[tuple[int, str, int, int]]:
+    """The worked steps of ``problem``: (running value, operator, operand, new value)."""
+    acc, out = int(problem[0]), []
+    for i in range(1, len(problem), 2):
+        op, b = problem[i], int(problem[i + 1])
+        new = _apply(acc, op, b)
+        out.append((acc, op, b, new))
+        acc = new
+    return out
 
 
 def worked_solution(problem: str) -> str:
-    """The completion of ``problem``: its rewrites joined by "=", then " #### " and the result."""
-    items = tokens_of(problem)
-    steps = []
-    while len(items) > 1:
-        items = reduce_once(items)
-        steps.append(_text(items))
-    return "=".join(steps) + ANSWER_MARK + str(items[0])
+    """The completion of ``problem``: its steps, each followed by a space, then "#### " and the result."""
+    steps = steps_of(problem)
+    return "".join(f"{a}{op}{b}={c} " for a, op, b, c in steps) + ANSWER_MARK + str(steps[-1][3])
 
 
 def value(problem: str) -> int:
-    """The exact integer value of ``problem`` (usual precedence)."""
-    items = tokens_of(problem)
-    while len(items) > 1:
-        items = reduce_once(items)
-    return int(items[0])
+    """The exact integer value of ``problem``, evaluated from left to right."""
+    return steps_of(problem)[-1][3]
+
+
+@functools.cache
+def longest_solution(ops: int) -> int:
+    """Characters of the longest worked solution of a problem with ``ops`` operators."""
+    return max(len(worked_solution(p)) for p in all_problems(ops))
 
 
 def operator_count(problem: str) -> int:
@@ -195,14 +191,14 @@ class ArithPromptOptions:
     """Options of the ``arith-train`` / ``arith-heldout`` prompt sources."""
 
     ops: list[int] = field(
-        default_factory=lambda: [2, 3],
+        default_factory=lambda: [1, 2, 3],
         metadata={
             "doc": "operator counts of the problems (categories '2 ops', ...)",
             "choices": list(OP_COUNTS),
         },
     )
     count: int = field(
-        default=240,
+        default=150,
         metadata={"doc": "length of the fixed evaluation() list (operator counts in turn)", "min": 1},
     )
     seed: int = field(default=1234, metadata={"doc": "seed of the fixed evaluation() list", "min": 0})

@@ -4,7 +4,7 @@
 ``llada`` backbone's network, the published key layout) with a char-level tokenizer
 (:func:`arith_tokenizer`) on the training problems of :mod:`mdmrl_plugins.text.arith`,
 and writes a complete checkpoint folder that the ``llada`` backbone loads like any
-downloaded one (``chat_template = false``: the prompt is the problem itself).
+downloaded one (``chat_template = false``: the prompt is BOS and the problem itself).
 
 Objective (LLaDA's supervised one): the prompt is never masked; the completion (the
 worked solution, its end-of-sequence token and the end-of-sequence padding up to
@@ -76,10 +76,10 @@ class PretrainOptions:
     heads: int = field(default=4, metadata={"doc": "attention heads; divides width", "min": 1, "max": 32})
     mlp: int = field(default=384, metadata={"doc": "SwiGLU hidden size (mlp_hidden_size)", "min": 1})
     ops: list[int] = field(
-        default_factory=lambda: [2, 3],
+        default_factory=lambda: [1, 2, 3],
         metadata={"doc": "operator counts of the training problems", "choices": list(arith.OP_COUNTS)},
     )
-    gen_length: int = field(default=32, metadata={"doc": "completion length N (tokens)", "min": 8})
+    gen_length: int = field(default=40, metadata={"doc": "completion length N (tokens)", "min": 8})
     max_prompt_length: int = field(default=16, metadata={"doc": "prompt tokens (left-padded)", "min": 4})
     block_length: int = field(
         default=8, metadata={"doc": "block of the block-shaped masks (the sampler's)", "min": 1}
@@ -90,7 +90,7 @@ class PretrainOptions:
     eval_every: int = field(default=250, metadata={"doc": "steps between held-out evaluations", "min": 1})
     eval_count: int = field(default=120, metadata={"doc": "held-out problems per evaluation", "min": 1})
     eval_seed: int = field(default=99, metadata={"doc": "seed of the evaluation list", "min": 0})
-    eval_steps: int = field(default=16, metadata={"doc": "block-sampler steps at evaluation", "min": 1})
+    eval_steps: int = field(default=20, metadata={"doc": "block-sampler steps at evaluation", "min": 1})
     eval_temperature: float = field(
         default=1.0, metadata={"doc": "sampling temperature at evaluation", "min": 0.0}
     )
@@ -109,7 +109,7 @@ class PretrainOptions:
             out.append(f"heads: {self.heads} does not divide width {self.width}")
         if self.gen_length % self.block_length:
             out.append(f"block_length: {self.block_length} does not divide gen_length {self.gen_length}")
-        longest = max(len(arith.worked_solution("9*9*9*9"[: 2 * k + 1])) for k in self.ops) if self.ops else 0
+        longest = max((arith.longest_solution(k) for k in self.ops if k in arith.OP_COUNTS), default=0)
         if longest >= self.gen_length:
             out.append(
                 f"gen_length: {self.gen_length} leaves no room for worked solutions of {longest} characters"
@@ -125,12 +125,20 @@ class PretrainOptions:
 def arith_tokenizer():
     """The world's char-level tokenizer: LLaDA's special tokens and chat template
     (:mod:`mdmrl_plugins.llada.tiny`) over the 256 bytes with no merges, so every
-    character of a problem or solution is one token."""
-    from mdmrl_plugins.llada.tiny import SPECIAL_TOKENS, byte_level_tokenizer
+    character of a problem or solution is one token; encoding a text puts LLaDA's BOS
+    ``<|startoftext|>`` before it (as LLaDA's sequences start), which gives the
+    prompt's first character a fixed place to be found from."""
+    from tokenizers import processors
 
-    return byte_level_tokenizer(
+    from mdmrl_plugins.llada.tiny import BOS, SPECIAL_TOKENS, byte_level_tokenizer
+
+    tok = byte_level_tokenizer(
         corpus=[arith.worked_solution("7+5*3-4")], vocab_size=256 + len(SPECIAL_TOKENS)
     )
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tok.convert_tokens_to_ids(BOS))]
+    )
+    return tok
 
 
 def make_backbone(options: PretrainOptions, tokenizer=None):
@@ -174,7 +182,7 @@ def backbone_options(options: PretrainOptions, **overrides):
 def completion_ids(tokenizer, solutions: list[str], n: int, eos: int) -> torch.Tensor:
     """long [B, n]: each solution's tokens, its end-of-sequence token, then EOS padding."""
     out = torch.full((len(solutions), n), eos, dtype=torch.long)
-    for i, ids in enumerate(tokenizer(solutions)["input_ids"]):
+    for i, ids in enumerate(tokenizer(solutions, add_special_tokens=False)["input_ids"]):
         if len(ids) >= n:
             raise ValueError(f"a solution of {len(ids)} tokens does not fit {n} positions")
         out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)

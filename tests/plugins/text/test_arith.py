@@ -23,26 +23,33 @@ problems = (
 )
 
 
-def test_worked_solutions_follow_precedence():
-    assert arith.worked_solution("7+5*3-4") == "7+15-4=22-4=18 #### 18"
-    assert arith.worked_solution("2-3*4") == "2-12=-10 #### -10"
-    assert arith.worked_solution("3-8+2") == "-5+2=-3 #### -3"
-    assert arith.worked_solution("9*9*9*9") == "81*9*9=729*9=6561 #### 6561"
-    assert arith.worked_solution("5*3-9*2") == "15-9*2=15-18=-3 #### -3"
-    assert arith.worked_solution("4+4") == "8 #### 8"
+def test_worked_solutions_go_from_left_to_right():
+    assert arith.worked_solution("7+5*3-4") == "7+5=12 12*3=36 36-4=32 #### 32"
+    assert arith.worked_solution("1-9*3") == "1-9=-8 -8*3=-24 #### -24"
+    assert arith.worked_solution("9*9*9*9") == "9*9=81 81*9=729 729*9=6561 #### 6561"
+    assert arith.worked_solution("4+4") == "4+4=8 #### 8"
+    assert [arith.longest_solution(k) for k in (1, 2, 3)] == [14, 24, 36]
+
+
+def chain(problem: str) -> int:
+    """Left-to-right value, computed independently of the module."""
+    acc = int(problem[0])
+    for op, d in zip(problem[1::2], problem[2::2]):
+        acc = eval(f"({acc}){op}{d}")  # noqa: S307 - digits and + - * only
+    return acc
 
 
 @settings(max_examples=200, deadline=None)
 @given(problems)
 def test_value_is_python_arithmetic_and_the_worked_solution_scores_one(problem):
-    assert arith.value(problem) == eval(problem)  # noqa: S307 - digits and + - * only
+    assert arith.value(problem) == chain(problem)
     solution = arith.worked_solution(problem)
     assert arith.is_worked(solution)
-    assert arith.final_answer(solution) == eval(problem)  # noqa: S307
+    assert arith.final_answer(solution) == chain(problem)
     prompt = arith.prompt_of(problem)
     assert arith.ArithCorrect().score_texts([prompt], [solution]) == [1.0]
     assert arith.ArithFormat().score_texts([prompt], [solution]) == [1.0]
-    assert len(solution) < 32  # fits the world's completion length with its end token
+    assert len(solution) < 40  # fits the world's completion length with its end token
 
 
 @settings(max_examples=100, deadline=None)
@@ -57,17 +64,20 @@ def test_a_wrong_final_answer_scores_zero(problem, delta):
 @pytest.mark.parametrize(
     "text, fmt, correct",
     [
-        ("7+15-4=22-4=18 #### 18", 1.0, 1.0),
-        ("  7+15-4=22-4=18 #### 18  ", 1.0, 1.0),  # surrounding spaces are ignored
-        ("18 #### 18", 1.0, 1.0),  # no rewrites: still the format
-        ("7+15-4=22-4=18 ####18", 0.0, 1.0),  # the mark needs its spaces; the answer is still read
-        ("7+15-4=22-4=18", 0.0, 0.0),  # no #### answer
-        ("#### 18", 0.0, 1.0),
-        ("7+15-4=22-4=18 #### 18 #### 19", 0.0, 0.0),  # the last answer counts
-        ("7+15-4=22-4=18 #### 18x", 0.0, 0.0),  # trailing text
-        ("7+15-4=22-4=18 #### 1 8", 0.0, 0.0),
+        ("7+5=12 12*3=36 36-4=32 #### 32", 1.0, 1.0),
+        ("  7+5=12 12*3=36 36-4=32 #### 32  ", 1.0, 1.0),  # surrounding spaces are ignored
+        ("7+5=12 #### 32", 1.0, 1.0),  # steps are not checked, only their form
+        ("7+5=12 12*3=36 36-4=32 ####32", 0.0, 1.0),  # the mark needs its space; the answer is still read
+        ("7+5=12 12*3=36 36-4=32", 0.0, 0.0),  # no #### answer
+        ("#### 32", 0.0, 1.0),  # no step
+        ("32 #### 32", 0.0, 1.0),
+        ("7+5=12 12*3=36 36-4=32 #### 32 #### 31", 0.0, 0.0),  # the last answer counts
+        ("7+5=12 12*3=36 36-4=32 #### 32x", 0.0, 0.0),  # trailing text
+        ("7+5=12 12*3=36 36-4=32 #### 3 2", 0.0, 0.0),
         ("", 0.0, 0.0),
-        ("7+15-4==22-4=18 #### 18", 0.0, 1.0),
+        ("7+5=12 12*3=36 36-4==32 #### 32", 0.0, 1.0),
+        ("7+5=12  12*3=36 36-4=32 #### 32", 0.0, 1.0),  # one space between steps
+        ("7+5*3-4=32 #### 32", 0.0, 1.0),  # one operator per step
     ],
 )
 def test_format_and_correctness_cases(text, fmt, correct):
@@ -77,8 +87,8 @@ def test_format_and_correctness_cases(text, fmt, correct):
 
 
 def test_negative_answers_are_read_exactly():
-    assert arith.ArithCorrect().score_texts(["2-3*4="], ["2-12=-10 #### -10"]) == [1.0]
-    assert arith.ArithCorrect().score_texts(["2-3*4="], ["2-12=-10 #### 10"]) == [0.0]
+    assert arith.ArithCorrect().score_texts(["2-3*4="], ["2-3=-1 -1*4=-4 #### -4"]) == [1.0]
+    assert arith.ArithCorrect().score_texts(["2-3*4="], ["2-3=-1 -1*4=-4 #### 4"]) == [0.0]
 
 
 @pytest.mark.parametrize("prompt", ["hello", "7+5*3-4", "0+1=", "12+3=", "7+5*3-4+1+2=", "7/2="])
@@ -103,12 +113,12 @@ def test_training_prompts_are_never_heldout_and_the_eval_list_is_heldout_and_dis
     gen = torch.Generator().manual_seed(0)
     train = arith.ArithTrainPrompts().sample(2000, gen)
     assert all(arith.split_of(arith.problem_of(p)) == "train" for p in train)
-    held = arith.ArithHeldoutPrompts(arith.ArithPromptOptions(count=240)).evaluation()
-    assert len(set(held)) == 240
+    held = arith.ArithHeldoutPrompts(arith.ArithPromptOptions(count=150)).evaluation()
+    assert len(set(held)) == 150
     assert all(arith.split_of(arith.problem_of(p)) == "heldout" for p in held)
     assert not set(held) & set(train)
     cats = arith.ArithHeldoutPrompts().categorize(held)
-    assert cats.count("2 ops") == cats.count("3 ops") == 120
+    assert cats.count("1 op") == cats.count("2 ops") == cats.count("3 ops") == 50
     # the train source's own evaluation list is training problems
     assert all(arith.split_of(arith.problem_of(p)) == "train" for p in arith.ArithTrainPrompts().evaluation())
 
