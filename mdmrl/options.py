@@ -263,9 +263,12 @@ def build(cls: type, table: dict, path: str, problems: list[str], built: dict | 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{path}." if path else ""
     known = ", ".join(fields) or "(none)"
-    for key in table:
-        if key not in fields:
-            problems.append(f"{prefix}{key}: unknown key; allowed keys here: {known}")
+    unknown = [key for key in table if key not in fields]
+    if len(unknown) == 1:
+        problems.append(f"{prefix}{unknown[0]}: unknown key; allowed keys here: {known}")
+    elif unknown:  # one problem for the table: often one cause (a misspelt or missing plug-in name)
+        where = path or unknown[0]
+        problems.append(f"{where}: unknown keys {', '.join(unknown)}; allowed keys here: {known}")
     start = len(problems)
     failed: set[str] = set()  # fields whose value is unusable (a nested table's own problems do not count)
     kwargs: dict[str, Any] = {}

@@ -235,3 +235,13 @@ def test_effective_overrides_keep_only_what_the_recipe_mode_uses():
     kept = rc.effective_overrides(alternating, sizing)
     assert kept == ["train.cycles=2", "train.schedule.lr=0.1", "train.model.lr=0.1", "seed=1"]
     assert rc.effective_overrides(alternating, [*sizing, "train.mode=naive"])[0] == "train.iterations=4"
+
+
+def test_several_unknown_keys_of_one_table_are_one_problem():
+    # e.g. a plug-in table whose name was left out: its options meet the default's fields
+    _, problems = build({"name": "x", "inner": {"typo": 1, "other": 2}})
+    assert problems == ["inner: unknown keys typo, other; allowed keys here: lr"]
+    _, problems = build({"name": "x", "sede": 1, "stepz": 2})  # at the top level: the first key's path
+    assert problems == [
+        "sede: unknown keys sede, stepz; allowed keys here: name, steps, mode, ratio, tags, inner"
+    ]
