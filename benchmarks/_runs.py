@@ -451,9 +451,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and its standard error, sample std / sqrt(n) (0 for a single value)."""
+    """Mean and its standard error, sample std / sqrt(n) (NaN for a single value: one
+    seed has no error estimate, and no difference from it is a finding)."""
     m, s = mean_std(values)
-    return m, (s / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+    return m, (s / math.sqrt(len(values)) if len(values) > 1 else math.nan)
 
 
 def eval_se(ev: dict | None, metric: str = "total") -> tuple[float, float]:
@@ -470,6 +471,8 @@ def fmt(values: Sequence[float] | tuple[float, float], digits: int = 3) -> str:
     m, s = values if isinstance(values, tuple) else mean_se(values)
     if math.isnan(m):
         return "—"
+    if math.isnan(s):
+        return f"{m:.{digits}f} (one seed)"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
@@ -484,6 +487,8 @@ def verdict(a: tuple[float, float], b: tuple[float, float]) -> str:
     d, se = difference(a, b)
     if math.isnan(d):
         return "not available"
+    if math.isnan(se):
+        return "no error estimate"
     if d > 2 * se:
         return "**reproduced**"
     if d < -2 * se:
@@ -497,9 +502,8 @@ def directions_table(claims: Sequence[tuple[str, tuple[float, float], tuple[floa
     rows = []
     for claim, a, b in claims:
         d = difference(a, b)
-        rows.append(
-            [claim, fmt(a), fmt(b), "—" if math.isnan(d[0]) else f"{d[0]:+.3f} ± {d[1]:.3f}", verdict(a, b)]
-        )
+        diff = "—" if math.isnan(d[0]) else f"{d[0]:+.3f}" + ("" if math.isnan(d[1]) else f" ± {d[1]:.3f}")
+        rows.append([claim, fmt(a), fmt(b), diff, verdict(a, b)])
     return table(["direction (a above b)", "a", "b", "a − b", "verdict (2 SE)"], rows)
 
 

@@ -239,3 +239,6 @@ def test_verdicts_need_two_standard_errors_of_the_difference():
     assert verdict((1.0, 0.1), (0.5, 0.1)) == "**reproduced**"  # 0.5 > 2 x 0.141
     assert verdict((0.5, 0.1), (1.0, 0.1)) == "**reversed**"
     assert verdict((float("nan"), 0.0), (1.0, 0.1)) == "not available"
+    # one seed has no error: its difference from anything is not a finding
+    one = mean_se([0.9])
+    assert one[0] == 0.9 and verdict(one, (0.1, 0.01)) == "no error estimate"
