@@ -226,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{exc.source}: {len(exc.problems)} problems:\n  " + "\n  ".join(exc.problems)
         print(f"mdmrl: error: {msg}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader of our output went away (``mdmrl validate R | head``): what it read
+        # was right; stop quietly, and keep the interpreter's final flush from failing too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         if "torch.distributed" in sys.modules:  # only a command that used torch can hold a group
             from mdmrl.distributed import shutdown

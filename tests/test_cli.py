@@ -473,3 +473,17 @@ def test_a_recipe_that_is_not_utf8_names_the_line(toy_registry, tmp_path, capsys
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err == f"mdmrl: error: {path}: not a UTF-8 text file (invalid byte at line 3)\n"
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # `mdmrl schema | true`: the reader is gone before the first write (as `| head` is
+    # gone after its first lines of a long output)
+    proc = subprocess.run(
+        f"'{sys.executable}' -m mdmrl schema | true; echo \"${{PIPESTATUS[0]}}\"",
+        shell=True,
+        capture_output=True,
+        text=True,
+        executable="/bin/bash",
+    )
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout == "0\n"
