@@ -101,9 +101,9 @@ class MetricsLog:
     """Metrics as JSON lines (the source of truth) and a CSV rewritten from them; every
     row also goes to the run's experiment trackers (:mod:`mdmrl.tracking`).
 
-    tensorboard: ``logging.tensorboard``. trackers: the tracker names; None reads
-    ``logging.trackers`` from the run directory's resolved ``recipe.toml`` (the engine
-    passes only ``logging.tensorboard``). The trackers are opened at the first
+    tensorboard: ``logging.tensorboard``. trackers: the tracker names (the engine
+    passes ``logging.trackers``); None reads them from the run directory's resolved
+    ``recipe.toml``. The trackers are opened at the first
     :meth:`append`, once :meth:`truncate` has said from which iteration the run writes
     again (TensorBoard discards its events from there on)."""
 
