@@ -69,6 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png")
     overrides(s)
 
+    x = sub.add_parser(
+        "export", help="write a run's trained model as a standalone folder (diffusers, LLaDA, safetensors)"
+    )
+    x.add_argument(
+        "checkpoint",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="run directory (its latest checkpoint) or checkpoint folder",
+    )
+    x.add_argument("--out", required=True, metavar="DIR", help="folder to write (new or empty)")
+    x.add_argument("--force", action="store_true", help="replace --out when it exists and is not empty")
+    x.add_argument("--recipe", help="recipe TOML (default: the run directory's recipe.toml)")
+    overrides(x)
+
     v = sub.add_parser(
         "validate", help="check a recipe (training, evaluation or pretraining) without running it"
     )
@@ -87,6 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain a backbone that supports it (masked objective)")
     pt.add_argument("recipe")
     overrides(pt)
+
+    rs = sub.add_parser(
+        "reward-server",
+        help='serve a recipe\'s rewards to runs with reward_placement.mode = "process" (docs/rewards.md)',
+    )
+    rs.add_argument("recipe", help="recipe TOML whose [[rewards]] to serve")
+    rs.add_argument("--host", default="127.0.0.1", help="interface to listen on (no authentication)")
+    rs.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port, printed)")
+    rs.add_argument("--recipe-dir", help=argparse.SUPPRESS)  # relative paths of the run's own process
+    rs.add_argument("--exit-when-stdin-closes", action="store_true", help=argparse.SUPPRESS)
+    overrides(rs)
     return p
 
 
@@ -332,11 +356,22 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         )
         print(path)
         return 0
+    if args.command == "export":
+        from mdmrl.weights import export_command
+
+        print(export_command(args.checkpoint, args.out, args.force, args.recipe, args.overrides))
+        return 0
     if args.command == "pretrain":
         from mdmrl.pretrain import pretrain_command
 
         pretrain_command(args.recipe, args.overrides)
         return 0
+    if args.command == "reward-server":
+        from mdmrl.reward_server import serve_command
+
+        return serve_command(
+            args.recipe, args.overrides, args.host, args.port, args.recipe_dir, args.exit_when_stdin_closes
+        )
     raise AssertionError(args.command)
 
 

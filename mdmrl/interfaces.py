@@ -14,11 +14,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from mdmrl.errors import UserError
 from mdmrl.trajectory import BackboneOutput, Conditioning, LossOutput, Trajectory
 
 
@@ -96,6 +98,21 @@ class Backbone(Part, nn.Module, ABC):
     @abstractmethod
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Finished token grids long [B, N] (no mask) -> images float32 [B, 3, H_img, W_img] in [0, 1]."""
+
+    def export(self, out_dir: Path) -> dict[str, Any]:
+        """Optional (``mdmrl export``): write this backbone's current weights into the
+        empty folder ``out_dir`` as a standalone model in its own family's format, one
+        that loads without mdmrl where the family has a library (a diffusers folder, a
+        transformers-style checkpoint folder) and through this backbone's own options
+        (its weights path) in a recipe. LoRA adapters are merged into the weights
+        (:func:`mdmrl.weights.merged_state_dict`). Called on the CPU, in eval mode,
+        without gradients, after a checkpoint's trained weights were loaded.
+
+        Returns a JSON-serialisable dict that ``mdmrl export`` records in the folder's
+        ``mdmrl-export.json``: at least ``format`` (what was written) and ``load`` (how
+        to load it). A backbone that does not override this method cannot export;
+        ``mdmrl export`` says so in one line before loading anything."""
+        raise UserError(f"backbone {self.name!r} cannot export (it has no export method)")
 
 
 class NullConditioningCache:
