@@ -292,6 +292,32 @@ class AmusedBackbone(Backbone):
         resolution and micro-conditioning; its ``path`` is ignored."""
         return cls(transformer, vqvae, text_encoder, tokenizer, options=options, mask_token_id=mask_token_id)
 
+    def export(self, out_dir: str | os.PathLike) -> dict:
+        """``mdmrl export``: a diffusers ``AmusedPipeline`` folder (``save_pretrained``):
+        ``transformer/`` (``UVit2DModel``), ``vqvae/``, ``text_encoder/``, ``tokenizer/``,
+        ``scheduler/`` (``AmusedScheduler`` with this backbone's mask id and the
+        published cosine masking schedule) and ``model_index.json``.
+        ``UVit2DModel.from_pretrained(out_dir, subfolder="transformer")`` and
+        ``AmusedPipeline.from_pretrained(out_dir)`` load it, ``backbone.options.path``
+        too."""
+        from diffusers import AmusedPipeline, AmusedScheduler
+
+        pipeline = AmusedPipeline(
+            vqvae=self.vqvae,
+            tokenizer=self.tokenizer,
+            text_encoder=self.text_encoder,
+            transformer=self.transformer,
+            scheduler=AmusedScheduler(mask_token_id=self.mask_token_id, masking_schedule="cosine"),
+        )
+        pipeline.save_pretrained(str(out_dir))
+        return {
+            "format": "diffusers AmusedPipeline folder",
+            "load": "AmusedPipeline.from_pretrained('DIR'); UVit2DModel.from_pretrained('DIR', "
+            "subfolder='transformer'); backbone.options.path = 'DIR'",
+            "dtype": self.options.dtype,
+            "base": self.options.path,
+        }
+
     def train(self, mode: bool = True) -> AmusedBackbone:
         """Train mode for the transformer only; the frozen text encoder and VQ stay in eval."""
         super().train(mode)

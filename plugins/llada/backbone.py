@@ -272,6 +272,27 @@ class LLaDABackbone(Backbone):
 
         return pretrain(options, output, progress)
 
+    def export(self, out_dir: Path) -> dict:
+        """``mdmrl export``: a checkpoint folder in LLaDA's published layout (config.json,
+        safetensors shards of at most 5 GiB with model.safetensors.index.json, the
+        tokenizer files), LoRA adapters merged into the block weights, in the options'
+        dtype. ``backbone.options.path`` (and ``weights = "checkpoint"``) reads it back."""
+        from mdmrl.weights import merged_state_dict
+        from mdmrl_plugins.llada.model import save_checkpoint
+
+        state = merged_state_dict(self.model)
+        with torch.device("meta"):
+            plain = LLaDAModel(self.model.config)
+        plain.load_state_dict(state, strict=True, assign=True)
+        save_checkpoint(plain, out_dir)
+        self.tokenizer.save_pretrained(str(out_dir))
+        return {
+            "format": "LLaDA checkpoint folder (config.json, safetensors shards with their index, tokenizer)",
+            "load": "backbone.options.path = 'DIR' (lora_rank = 0: adapters are merged)",
+            "lora_merged": self.options.lora_rank > 0,
+            "dtype": self.options.dtype,
+        }
+
     @property
     def device(self) -> torch.device:
         return self.model.transformer.wte.weight.device

@@ -342,6 +342,38 @@ class MeissonicBackbone(Backbone):
         dtype, LoRA and checkpointing; its ``path`` is ignored."""
         return cls(transformer, vqvae, text_encoder, tokenizer, options=options)
 
+    def export(self, out_dir: str | os.PathLike) -> dict:
+        """``mdmrl export``: the four parts this backbone loaded, each with
+        ``save_pretrained``, as subfolders of ``out_dir`` (the published repository's
+        layout): ``transformer/`` (LoRA adapters merged into the weights, no adapter
+        left), ``vqvae/``, ``text_encoder/``, ``tokenizer/``. ``MeissonicTransformer2DModel
+        .from_pretrained(out_dir, subfolder="transformer")`` loads the transformer, and
+        ``backbone.options.path`` the whole folder; the published repository's other
+        files (scheduler, pipeline index) are not written."""
+        from pathlib import Path
+
+        from mdmrl.weights import merged_state_dict
+
+        out = Path(out_dir)
+        transformer = self.transformer
+        if self.options.lora_rank > 0:
+            state = merged_state_dict(transformer)
+            with torch.device("meta"):
+                transformer = type(self.transformer).from_config(self.transformer.config)
+            transformer.load_state_dict(state, strict=True, assign=True)
+        transformer.save_pretrained(out / "transformer")
+        self.vqvae.save_pretrained(out / "vqvae")
+        self.text_encoder.save_pretrained(out / "text_encoder")
+        self.tokenizer.save_pretrained(str(out / "tokenizer"))
+        return {
+            "format": "diffusers folder: transformer/, vqvae/, text_encoder/, tokenizer/",
+            "load": "MeissonicTransformer2DModel.from_pretrained('DIR', subfolder='transformer') "
+            "(mdmrl_plugins.meissonic.transformer); backbone.options.path = 'DIR' with lora_rank = 0",
+            "lora_merged": self.options.lora_rank > 0,
+            "dtype": self.options.dtype,
+            "base": self.options.path,
+        }
+
     def train(self, mode: bool = True) -> MeissonicBackbone:
         """Train mode for the transformer only; the frozen text encoder and VQ stay in eval."""
         super().train(mode)

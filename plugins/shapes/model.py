@@ -413,6 +413,19 @@ class ShapesMDM(Backbone):
         meta.update(extra or {})
         config_path(weights).write_text(json.dumps(meta, indent=2) + "\n")
 
+    def export(self, out_dir: Path) -> dict[str, Any]:
+        """``mdmrl export``: ``shapes-mdm.safetensors`` (every parameter, float32) and
+        ``shapes-mdm.json`` (the architecture) in ``out_dir``, the layout of the committed
+        weights: :meth:`load` reads it, and so does a recipe with
+        ``backbone.options.weights`` set to the .safetensors file."""
+        weights = Path(out_dir) / "shapes-mdm.safetensors"
+        self.save(str(weights))
+        return {
+            "format": "shapes-mdm safetensors + JSON config",
+            "load": "backbone.options.weights = 'DIR/shapes-mdm.safetensors' "
+            "(or ShapesMDM.load('DIR/shapes-mdm.safetensors'))",
+        }
+
     # ------------------------------------------------------------------ interface
 
     @property
