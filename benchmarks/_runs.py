@@ -251,7 +251,10 @@ class Runner:
     finished run under ``out_dir`` (JSON), and logging progress to stderr.
 
     With ``cache_only`` nothing is computed: a run that is not in the cache is
-    returned as None and counted in ``missing`` (for partial tables)."""
+    returned as None and counted in ``missing`` (for partial tables).
+
+    ``recipes``: the folder a :class:`RunSpec`'s recipe name is looked up in
+    (``<recipes>/<name>.toml``; default ``recipes/shapes``)."""
 
     def __init__(
         self,
@@ -260,8 +263,10 @@ class Runner:
         device: str | None = None,
         log: Callable[[str], None] | None = None,
         cache_only: bool = False,
+        recipes: Path | None = None,
     ):
         self.budget = budget
+        self.recipes = Path(recipes) if recipes is not None else RECIPES
         self.cache_only = cache_only
         self.missing = 0
         self.found = 0
@@ -284,7 +289,7 @@ class Runner:
     def load(self, recipe: str, extra: Sequence[str], seed: int = 0):
         from mdmrl import recipe as rc
 
-        path = recipe_path(recipe)
+        path = self.recipes / f"{recipe}.toml"
         overrides = self.overrides(extra) + [f"seed={seed}"]
         if self.budget.guidance is not None:
             overrides.append(
@@ -507,6 +512,25 @@ def directions_table(claims: Sequence[tuple[str, tuple[float, float], tuple[floa
     return table(["direction (a above b)", "a", "b", "a − b", "verdict (2 SE)"], rows)
 
 
+def directions_summary(claims: Sequence[tuple[str, tuple[float, float], tuple[float, float]]]) -> str:
+    """The claims of :func:`directions_table` grouped by :func:`verdict`, in plain words:
+    a markdown list with one item per verdict that occurs ("- Reproduced (...): claim;
+    claim."), in the order reproduced, reversed, not separated, no error estimate, not
+    available."""
+    words = {
+        "**reproduced**": "Reproduced (a above b beyond two standard errors)",
+        "**reversed**": "Reversed (b above a beyond two standard errors)",
+        "not separated": "Not separated (within two standard errors)",
+        "no error estimate": "No error estimate (one training seed)",
+        "not available": "Not available (runs missing)",
+    }
+    groups: dict[str, list[str]] = {v: [] for v in words}
+    for claim, a, b in claims:
+        groups[verdict(a, b)].append(claim)
+    lines = [f"- {words[v]}: " + "; ".join(cs) + "." for v, cs in groups.items() if cs]
+    return "\n".join(lines)
+
+
 def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(str(h) for h in head) + " |", "|" + "---|" * len(head)]
@@ -585,6 +609,7 @@ __all__ = [
     "Budget",
     "DECISIVE",
     "difference",
+    "directions_summary",
     "directions_table",
     "eval_se",
     "mean_se",
