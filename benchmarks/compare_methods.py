@@ -83,8 +83,9 @@ def key(label: str, sampler: str) -> str:
     return f"{label} ({sampler})"
 
 
-def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float) -> dict:
-    """Untrained evaluations, then every (seed, configuration) run, seed-major."""
+def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float, reverse: bool = False) -> dict:
+    """Untrained evaluations, then every (seed, configuration) run, seed-major (the last
+    seed first with ``reverse``; the tables list the seeds in order either way)."""
     t = b.train_steps
     raw: dict = {
         "budget": b.name,
@@ -107,12 +108,14 @@ def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float) -> dict
     for name, rec, ov in configs[: len(METHODS)]:
         res = runner.evaluate_untrained(f"{name} untrained", rec, ov, [t], b.fixed_seeds)
         raw["base"][name] = res["evals"][str(t)] if res else None
-    for s in seeds:
+    done: dict[tuple[str, int], dict] = {}
+    for s in reversed(seeds) if reverse else seeds:
         for name, rec, ov in configs:
             res = runner.train(RunSpec(name, rec, ov, s, final_steps=[t], minutes=minutes))
-            raw["runs"].setdefault(name, [])
             if res is not None:
-                raw["runs"][name].append(res)
+                done[(name, s)] = res
+    for name, _, _ in configs:
+        raw["runs"][name] = [done[(name, s)] for s in seeds if (name, s) in done]
     return raw
 
 
@@ -249,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--partial", action="store_true", help="compute nothing: print the tables from the cached runs so far"
     )
+    ap.add_argument(
+        "--reverse",
+        action="store_true",
+        help="train the seeds last to first: a second invocation with the same --out beside a "
+        "running one shares its cache and meets it in the middle",
+    )
     args = ap.parse_args(argv)
     setup_threads(args.threads)
     b = pick_budget(args.budget, BUDGETS, args.smoke)
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         args.json,
         runner,
-        lambda: run_all(runner, b, list(range(args.seeds)), minutes),
+        lambda: run_all(runner, b, list(range(args.seeds)), minutes, reverse=args.reverse),
         render,
     )
     return 0

@@ -210,6 +210,15 @@ def test_compare_smoke_tables(tmp_path, capsys, monkeypatch):
     # gamma = 0.8 is the recipe's default: the same run as "MaskGRPO (emerge)", from the cache
     assert runs["MaskGRPO γ=0.8"] == runs["MaskGRPO (emerge)"]
 
+    # --reverse trains the last seed first; from the same cache it lists the runs by seed
+    # as before, so a second invocation beside a running one shares its work
+    rev = tmp_path / "rev.json"
+    capsys.readouterr()
+    assert mod.main(args[:-1] + [str(rev), "--reverse"]) == 0
+    assert json.loads(rev.read_text())["raw"]["runs"] == runs
+    log = capsys.readouterr().err
+    assert log.index("Naive GRPO (confidence) seed 1: cached") < log.index("Naive GRPO (confidence) seed 0: cached")
+
 
 @pytest.mark.parametrize("recipe", ["co_grpo", "co_grpo_joint", "mask_grpo", "naive_grpo", "fixed_schedule"])
 def test_a_budgets_guidance_reaches_every_recipes_schedule(recipe, tmp_path):
