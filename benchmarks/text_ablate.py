@@ -2,7 +2,7 @@
 0.8) and MaskGRPO vs Naive GRPO vs Co-GRPO with a learned schedule, at an equal CPU-time
 training budget per run, on the embedded text world (worked arithmetic, docs/text.md).
 
-    python benchmarks/text_ablate.py [--seeds 3] [--minutes M] [--set key=value ...] [--json PATH]
+    python benchmarks/text_ablate.py [--seeds 3] [--minutes M] [--set key=value ...] [--json PATH] [--reverse]
 
 Every row is one of the text recipes under ``recipes/text/`` plus overrides:
 ``mask_grpo.toml`` with the re-mask function and gamma set explicitly (four rows),
@@ -19,7 +19,9 @@ A run trains until ``--minutes`` of this process's CPU time went into its iterat
 progress is finished), then is evaluated on the recipe's held-out problems (150 x 3
 samples at the recipe's step count). Runs are ordered seed by seed. Finished runs are
 cached under ``benchmarks/out/text_ablate/<budget>/`` so an interrupted invocation
-resumes; ``--partial`` prints the tables from the cache without computing anything.
+resumes; ``--partial`` prints the tables from the cache without computing anything, and
+a second invocation with ``--reverse`` and the same ``--out`` trains the seeds last to
+first, so that two one-thread processes share the sweep.
 """
 
 from __future__ import annotations
@@ -214,19 +216,23 @@ def comparable(sets: list[str]) -> str | None:
 # --------------------------------------------------------------------------- runs
 
 
-def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float, sets: list[str]) -> dict:
-    """The base model's evaluation, then every (seed, row) run, seed-major."""
+def run_all(
+    runner: Runner, b: Budget, seeds: list[int], minutes: float, sets: list[str], reverse: bool = False
+) -> dict:
+    """The base model's evaluation, then every (seed, row) run, seed-major (the last seed
+    first with ``reverse``; the tables list the seeds in order either way)."""
     t = b.train_steps
     extra = list(sets) + (smoke_overrides() if b.name == "smoke" else [])
     raw: dict = {"budget": b.name, "seeds": seeds, "minutes": minutes, "train_steps": t, "sets": sets}
     res = runner.evaluate_untrained("base model", "mask_grpo", list(sets), [t], b.fixed_seeds)
     raw["base"] = res["evals"][str(t)] if res else None
-    raw["runs"] = {key: [] for key, _, _, _ in ROWS}
-    for s in seeds:
+    done: dict[tuple[str, int], dict] = {}
+    for s in reversed(seeds) if reverse else seeds:
         for key, label, recipe, ov in ROWS:
             r = runner.train(RunSpec(label, recipe, ov + extra, s, final_steps=[t], minutes=minutes))
             if r is not None:
-                raw["runs"][key].append(r)
+                done[(key, s)] = r
+    raw["runs"] = {key: [done[(key, s)] for s in seeds if (key, s) in done] for key, _, _, _ in ROWS}
     return raw
 
 
@@ -415,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--partial", action="store_true", help="compute nothing: print the tables from the cached runs so far"
     )
+    ap.add_argument(
+        "--reverse",
+        action="store_true",
+        help="train the seeds last to first: a second invocation with the same --out beside a "
+        "running one shares its cache and meets it in the middle",
+    )
     args = ap.parse_args(argv)
     from mdmrl.errors import UserError
 
@@ -443,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         args.json,
         runner,
-        lambda: run_all(runner, b, list(range(args.seeds)), minutes, sets),
+        lambda: run_all(runner, b, list(range(args.seeds)), minutes, sets, reverse=args.reverse),
         render,
     )
     return 0

@@ -164,3 +164,26 @@ def test_directions_summary_groups_claims_by_verdict():
         "- Not separated (within two standard errors): e above f; g above h.",
         "- No error estimate (one training seed): i above j.",
     ]
+
+
+def test_reverse_trains_the_last_seed_first_and_lists_seeds_in_order(tmp_path):
+    mod = _load("text_ablate")
+
+    class Recorder:
+        def __init__(self):
+            self.order = []
+
+        def evaluate_untrained(self, *args):
+            return None
+
+        def train(self, spec):
+            self.order.append(spec.seed)
+            return {"seed": spec.seed, "label": spec.label}
+
+    budget = mod.budget_for(mod.validate([])["mask_grpo"], 0.005, True)
+    for reverse, first in ((False, 0), (True, 2)):
+        rec = Recorder()
+        raw = mod.run_all(rec, budget, [0, 1, 2], 0.005, [], reverse=reverse)
+        rows = len(mod.ROWS)
+        assert rec.order == [first] * rows + [1] * rows + [2 - first] * rows  # seed-major
+        assert all([r["seed"] for r in runs] == [0, 1, 2] for runs in raw["runs"].values())
