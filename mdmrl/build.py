@@ -10,7 +10,7 @@ from mdmrl.errors import UserError
 from mdmrl.interfaces import Backbone, BuildContext, Objective, PromptSource, Sampler, SchedulePolicy
 from mdmrl.plugins import get_registry
 from mdmrl.recipe import LoadedRecipe
-from mdmrl.rewarding import CompositeRewarder
+from mdmrl.rewarding import CompositeRewarder, DeferredRewarder, build_rewarders
 
 
 @dataclass
@@ -18,7 +18,7 @@ class Parts:
     backbone: Backbone
     schedule: SchedulePolicy
     sampler: Sampler
-    rewarder: CompositeRewarder
+    rewarder: CompositeRewarder | DeferredRewarder  # (or what reward_placement scores with)
     objective: Objective
     train_prompts: PromptSource
     eval_prompts: PromptSource
@@ -68,15 +68,13 @@ def _build_parts(loaded: LoadedRecipe, device: torch.device | None) -> Parts:
     schedule = build_part(loaded, "schedule", "schedule", r.schedule.name, ctx)
     sampler = build_part(loaded, "sampler", "sampler", r.sampler.name, ctx)
     objective = build_part(loaded, "objective", "objective", r.objective.name, ctx)
-    components = []
-    for i, spec in enumerate(r.rewards):
-        rew = build_part(loaded, f"rewards[{i}]", "rewarder", spec.name, ctx)
-        components.append((spec.name, spec.weight, rew))
+    # where reward_placement keeps the rewarders elsewhere, this process builds none
+    rewarder = build_rewarders(
+        r, ctx, lambda i, at: build_part(loaded, f"rewards[{i}]", "rewarder", r.rewards[i].name, at)
+    )
     train_prompts = build_part(loaded, "prompts.train", "prompts", r.prompts.train.name, ctx)
     if r.prompts.eval is not None:
         eval_prompts = build_part(loaded, "prompts.eval", "prompts", r.prompts.eval.name, ctx)
     else:
         eval_prompts = train_prompts
-    return Parts(
-        backbone, schedule, sampler, CompositeRewarder(components), objective, train_prompts, eval_prompts
-    )
+    return Parts(backbone, schedule, sampler, rewarder, objective, train_prompts, eval_prompts)

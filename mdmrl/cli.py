@@ -100,6 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain a backbone that supports it (masked objective)")
     pt.add_argument("recipe")
     overrides(pt)
+
+    rs = sub.add_parser(
+        "reward-server",
+        help='serve a recipe\'s rewards to runs with reward_placement.mode = "process" (docs/rewards.md)',
+    )
+    rs.add_argument("recipe", help="recipe TOML whose [[rewards]] to serve")
+    rs.add_argument("--host", default="127.0.0.1", help="interface to listen on (no authentication)")
+    rs.add_argument("--port", type=int, default=0, help="TCP port (default 0: any free port, printed)")
+    rs.add_argument("--recipe-dir", help=argparse.SUPPRESS)  # relative paths of the run's own process
+    rs.add_argument("--exit-when-stdin-closes", action="store_true", help=argparse.SUPPRESS)
+    overrides(rs)
     return p
 
 
@@ -355,6 +366,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         pretrain_command(args.recipe, args.overrides)
         return 0
+    if args.command == "reward-server":
+        from mdmrl.reward_server import serve_command
+
+        return serve_command(
+            args.recipe, args.overrides, args.host, args.port, args.recipe_dir, args.exit_when_stdin_closes
+        )
     raise AssertionError(args.command)
 
 

@@ -33,7 +33,7 @@ from mdmrl.distributed import Dist, setup
 from mdmrl.errors import UserError
 from mdmrl.interfaces import GeneratedBatch, Policies
 from mdmrl.recipe import LoadedRecipe, TrainSpec, resolved_dict
-from mdmrl.rewarding import RewardWorker, concat_results
+from mdmrl.rewarding import RewardProcessError, start_scoring
 from mdmrl.rundir import MetricsLog
 from mdmrl.trajectory import ACTION_FIELDS, LossOutput, Trajectory
 
@@ -177,7 +177,11 @@ class Trainer:
         self.bad_in_row = 0
         self.bad_total = 0
         self.stop = StopRequest()
-        self.worker = RewardWorker(parts.rewarder, background=t.background_rewards)
+        # Where the rewarders run (reward_placement): the scorer of rollouts, and what the
+        # main process's evaluations score with (the reward process's client, in mode process).
+        self.worker = start_scoring(loaded, parts.rewarder, self.dist, t.background_rewards)
+        parts.rewarder = self.worker.rewarder
+        self.checkpointed_at: int | None = None  # the iteration of the last checkpoint saved or read
         self.metrics: MetricsLog | None = None
 
     @staticmethod
@@ -264,6 +268,7 @@ class Trainer:
         (torch.distributed.checkpoint), which a resume reads back."""
         lg = self.recipe.logging
         root = self.run_dir / "checkpoints"
+        self.checkpointed_at = self.iteration
         if not self.dist.sharded:
             if not self.dist.is_main:
                 return None
@@ -356,6 +361,7 @@ class Trainer:
         except (KeyError, ValueError, RuntimeError) as exc:
             raise UserError(f"{path}/state.pt: does not match this run ({exc})") from None
         self.iteration = int(meta["iteration"])
+        self.checkpointed_at = self.iteration
         self.bad_in_row = int(meta.get("bad_in_row", 0))
         self.bad_total = int(meta.get("bad_total", 0))
 
@@ -399,12 +405,11 @@ class Trainer:
                 t_sample += t1 - t0
                 t_reward += time.perf_counter() - t1
             wait_start = time.perf_counter()
-            results = [f.result() for f in futures]  # background scoring decodes with the model
+            # background scoring decodes with the model; placement "device" decodes and
+            # scores here; a failure to score on any process stops every process
+            total, comps = self.worker.collect(futures, local, all_prompts)
             t_wait = time.perf_counter() - wait_start
         traj = Trajectory.cat(trajs) if len(trajs) > 1 else trajs[0]
-        res = concat_results(results)
-        total = self.dist.scatter_sum(res.total, local, b)
-        comps = {k: self.dist.scatter_sum(v, local, b) for k, v in res.components.items()}
         # time_reward: scoring in line plus waiting for background scoring after the rollout.
         timing = {"time_rollout": t_sample, "time_reward": t_reward + t_wait, "time_reward_wait": t_wait}
         return traj, total, comps, timing, local, group_ids
@@ -644,7 +649,11 @@ class Trainer:
         status = "done"
         try:
             while self.iteration < len(self.plan):
-                row = self.iterate()
+                streams = self._stream_states()
+                try:
+                    row = self.iterate()
+                except RewardProcessError as exc:
+                    raise RewardProcessError(self._stopped_by_rewards(exc, streams)) from None
                 if self.metrics:
                     self.metrics.append(row)
                 if progress:
@@ -672,9 +681,32 @@ class Trainer:
                 self.metrics.close()
         return status
 
+    def _stream_states(self) -> dict[str, torch.Tensor]:
+        return {**{s: g.get_state() for s, g in self.gens.items()}, "torch": torch.get_rng_state()}
+
+    def _stopped_by_rewards(self, exc: RewardProcessError, streams: dict[str, torch.Tensor]) -> str:
+        """Scoring failed in the rollout of the iteration after ``self.iteration`` (on
+        every process: they agree before any update), so nothing but the random streams
+        has moved: put them back and checkpoint the iterations done, unless that
+        checkpoint exists or the last iteration was a skipped update (which the loop
+        never checkpoints). Returns the error line, with how to go on."""
+        for s, g in self.gens.items():
+            g.set_state(streams[s])
+        torch.set_rng_state(streams["torch"])
+        if self.iteration and self.checkpointed_at != self.iteration and not self.bad_in_row:
+            self.save_checkpoint()
+            self.dist.barrier()  # every process names the checkpoint the main process wrote
+        found = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        kept = f"checkpoint {found[-1].name} kept" if found else "no checkpoint yet"
+        return (
+            f"{exc}; the run stopped in iteration {self.iteration + 1} of {len(self.plan)} ({kept}); "
+            f"resume with: mdmrl run --resume {self.run_dir}"
+        )
+
 
 def recipe_digest(loaded: LoadedRecipe) -> str:
     import hashlib
 
     data = resolved_dict(loaded)
+    data.pop("reward_placement", None)  # where rewards run does not change them (and may change on resume)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

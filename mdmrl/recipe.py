@@ -235,6 +235,73 @@ class LoggingSpec:
     )
 
 
+PLACEMENTS = ("rank", "device", "process")
+
+
+def _placement(*modes: str) -> Callable[[RewardPlacementSpec], str | None]:
+    """``no_effect`` rule of a ``[reward_placement]`` key used by ``modes`` only."""
+
+    def rule(p: RewardPlacementSpec) -> str | None:
+        if p.mode not in modes:
+            which = " and ".join(f'"{m}"' for m in modes)
+            return f'in mode "{p.mode}" (read in mode {which} only)'
+        return None
+
+    return rule
+
+
+@dataclass
+class RewardPlacementSpec:
+    """Where the reward models run (docs/rewards.md, "Where reward models run")."""
+
+    mode: str = _f(
+        "rank",
+        doc="rank: every process builds the rewarders on its own device; device: only the main "
+        "process builds them, on `device`, and scores every process's samples (gathered through "
+        "the process group); process: one reward process builds them and every process sends it "
+        "its samples over TCP",
+        choices=list(PLACEMENTS),
+    )
+    device: str | None = _f(
+        None,
+        doc="auto, cpu, cuda or cuda:N. Mode device: where the main process puts the rewarders "
+        "(default: its training device). Mode process: the reward process's device (default: the "
+        "recipe's device). A reward's own `device` option still wins",
+        no_effect=_placement("device", "process"),
+    )
+    address: str | None = _f(
+        None,
+        doc="mode process: HOST:PORT of a reward process started with `mdmrl reward-server RECIPE "
+        "--port PORT`; when left out, the main process starts one on 127.0.0.1 (a free port) and "
+        "stops it when the run ends",
+        no_effect=_placement("process"),
+    )
+    timeout_s: float = _f(
+        600.0,
+        doc="mode process: seconds one request (or the start of the run's own reward process) may "
+        "take before the run stops with an error; the first request also loads the reward models",
+        min_exclusive=0.0,
+        no_effect=_placement("process"),
+    )
+
+    def check_options(self) -> list[str]:
+        out = []
+        if self.device is not None and self.device not in ("auto", "cpu") and not _is_cuda(self.device):
+            out.append(f"device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+        if self.address is not None:
+            host, _, port = self.address.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                out.append(
+                    f"address: {self.address!r} is not HOST:PORT with a port in 1..65535, "
+                    'e.g. "127.0.0.1:5701"'
+                )
+        return out
+
+
+def _is_cuda(name: str) -> bool:
+    return name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())
+
+
 @dataclass
 class Recipe:
     """A training recipe (`mdmrl run`; also read by `mdmrl eval` and `mdmrl sample`)."""
@@ -251,6 +318,11 @@ class Recipe:
     train: TrainSpec = _f(TrainSpec, doc="the training engine")
     eval: EvalSpec = _f(EvalSpec, doc="held-out evaluation")
     logging: LoggingSpec = _f(LoggingSpec, doc="checkpoints, images, logs")
+    reward_placement: RewardPlacementSpec = _f(
+        RewardPlacementSpec,
+        doc="where the reward models run: on every process, on one device of the main process, "
+        "or in a reward process",
+    )
 
     def check_options(self) -> list[str]:
         out = []
