@@ -451,7 +451,11 @@ def start_local(loaded: Any, timeout_s: float) -> tuple[subprocess.Popen, int]:
         for k, v in os.environ.items()
         if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     }
-    process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    # its own session: a Ctrl-C at the terminal asks the run to finish its iteration, and
+    # that iteration still needs the reward process
+    process = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
+    )
     lines: queue.Queue = queue.Queue()
 
     def read() -> None:  # to our stderr; the ready line also to us
