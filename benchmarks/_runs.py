@@ -17,6 +17,7 @@ configuration is the standard deviation over *training* seeds.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -551,6 +552,27 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def add_sweep_arguments(ap: argparse.ArgumentParser, cache: str, reverse: bool = False) -> None:
+    """Add the options every results script shares to ``ap``: --json, --out (the cache
+    folder, default ``benchmarks/out/<cache>/<budget>``), --device, --threads and
+    --partial, and --reverse when the script's run loop can train its seeds last to
+    first."""
+    ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--out", help=f"cache folder (default benchmarks/out/{cache}/<budget>)")
+    ap.add_argument("--device", help="override the recipes' device (e.g. cpu, cuda)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument(
+        "--partial", action="store_true", help="compute nothing: print the tables from the cached runs so far"
+    )
+    if reverse:
+        ap.add_argument(
+            "--reverse",
+            action="store_true",
+            help="train the seeds last to first: a second invocation with the same --out beside a "
+            "running one shares its cache and meets it in the middle",
+        )
+
+
 def setup_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -606,6 +628,7 @@ def run_and_report(
 
 
 __all__ = [
+    "add_sweep_arguments",
     "Budget",
     "DECISIVE",
     "difference",

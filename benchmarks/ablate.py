@@ -24,6 +24,7 @@ from _runs import (  # noqa: E402
     Budget,
     Runner,
     RunSpec,
+    add_sweep_arguments,
     difference,
     directions_table,
     eval_se,
@@ -461,13 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
     ap.add_argument("--smoke", action="store_true", help="tiny random backbone, seconds (tests)")
-    ap.add_argument("--json", help="write the raw numbers here")
-    ap.add_argument("--out", help="cache folder (default benchmarks/out/ablate/<budget>)")
-    ap.add_argument("--device", help="override the recipes' device (e.g. cpu, cuda)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ap.add_argument(
-        "--partial", action="store_true", help="compute nothing: print the tables from the cached runs so far"
-    )
+    add_sweep_arguments(ap, "ablate")
     args = ap.parse_args(argv)
     setup_threads(args.threads)
     b = pick_budget(args.budget, BUDGETS, args.smoke)

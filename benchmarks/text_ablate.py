@@ -38,6 +38,7 @@ from _runs import (  # noqa: E402
     Budget,
     Runner,
     RunSpec,
+    add_sweep_arguments,
     difference,
     directions_summary,
     directions_table,
@@ -414,19 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--smoke", action="store_true", help="4 completions per iteration, 6 problems, seconds (tests)"
     )
-    ap.add_argument("--json", help="write the raw numbers here")
-    ap.add_argument("--out", help="cache folder (default benchmarks/out/text_ablate/<budget>)")
-    ap.add_argument("--device", help="override the recipes' device (e.g. cpu, cuda)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ap.add_argument(
-        "--partial", action="store_true", help="compute nothing: print the tables from the cached runs so far"
-    )
-    ap.add_argument(
-        "--reverse",
-        action="store_true",
-        help="train the seeds last to first: a second invocation with the same --out beside a "
-        "running one shares its cache and meets it in the middle",
-    )
+    add_sweep_arguments(ap, "text_ablate", reverse=True)
     args = ap.parse_args(argv)
     from mdmrl.errors import UserError
 
