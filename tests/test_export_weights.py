@@ -25,6 +25,7 @@ from mdmrl.interfaces import BuildContext
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "plugins" / "meissonic"))  # meissonic_tiny: tiny random parts
+sys.path.insert(0, str(ROOT / "tests" / "plugins" / "amused"))  # amused_tiny: tiny random parts
 
 SHAPES_SETS = [
     "train.cycles=1",
@@ -338,27 +339,15 @@ def _image_run(tmp_path: Path, backbone: str, schedule: str, options: dict) -> P
     return _train(recipe, tmp_path / "run")
 
 
-def _clip_tokenizer(folder: Path):
-    from meissonic_tiny import write_clip_tokenizer_files
-    from transformers import CLIPTokenizer
-
-    vocab, merges = write_clip_tokenizer_files(folder)
-    return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
-
-
 def test_meissonic_lora_export_loads_through_diffusers_with_merged_weights(tmp_path, with_toy_parts):
     RESOLUTION = 16  # the recipe minimum: an 8 x 8 token grid with the tiny 2x VQ model
-    from meissonic_tiny import tiny_text_encoder, tiny_transformer, tiny_vqvae
+    from meissonic_tiny import clip_tokenizer, save_tiny_meissonic, tiny_transformer
 
     from mdmrl.runner import load_for_eval
     from mdmrl_plugins.meissonic.backbone import MeissonicBackbone, MeissonicOptions
     from mdmrl_plugins.meissonic.transformer import MeissonicTransformer2DModel
 
-    base = tmp_path / "meissonic"
-    tiny_transformer().save_pretrained(base / "transformer")
-    tiny_vqvae().save_pretrained(base / "vqvae")
-    tiny_text_encoder().save_pretrained(base / "text_encoder")
-    _clip_tokenizer(tmp_path / "bpe").save_pretrained(str(base / "tokenizer"))
+    base = save_tiny_meissonic(tmp_path / "meissonic", clip_tokenizer(tmp_path / "bpe"))
     run_dir = _image_run(
         tmp_path, "meissonic", "meissonic", {"path": str(base), "resolution": RESOLUTION, "lora_rank": 2}
     )
@@ -397,64 +386,13 @@ def test_meissonic_lora_export_loads_through_diffusers_with_merged_weights(tmp_p
     assert (untrained - want.logits).abs().max() > 1e-4  # the adapters changed the model
 
 
-def _tiny_amused(tmp_path: Path) -> Path:
-    """A tiny random aMUSEd folder (the sizes of tests/plugins/amused/test_amused.py)."""
-    from diffusers import UVit2DModel, VQModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    folder = tmp_path / "amused"
-    UVit2DModel(
-        hidden_size=16,
-        cond_embed_dim=8,
-        micro_cond_encode_dim=2,
-        micro_cond_embed_dim=10,
-        encoder_hidden_size=8,
-        vocab_size=18,
-        codebook_size=16,
-        in_channels=8,
-        block_out_channels=8,
-        num_res_blocks=1,
-        block_num_heads=1,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        intermediate_size=16,
-        sample_size=8,
-    ).save_pretrained(folder / "transformer")
-    VQModel(
-        block_out_channels=[8],
-        down_block_types=["DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D"],
-        latent_channels=8,
-        norm_num_groups=8,
-        num_vq_embeddings=16,
-        sample_size=8,
-        mid_block_add_attention=False,
-        lookup_from_codebook=True,
-    ).save_pretrained(folder / "vqvae")
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=8,
-        intermediate_size=16,
-        num_attention_heads=1,
-        num_hidden_layers=2,
-        projection_dim=8,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    CLIPTextModelWithProjection(config).save_pretrained(folder / "text_encoder")
-    _clip_tokenizer(tmp_path / "bpe").save_pretrained(str(folder / "tokenizer"))
-    return folder
-
-
 def test_amused_export_is_a_diffusers_pipeline_with_the_trained_transformer(tmp_path, with_toy_parts):
+    from amused_tiny import clip_tokenizer, save_tiny_amused, tiny_modules
     from diffusers import AmusedPipeline, UVit2DModel
 
     from mdmrl_plugins.amused.backbone import AmusedBackbone, AmusedOptions
 
-    base = _tiny_amused(tmp_path)
+    base = save_tiny_amused(tmp_path / "amused", (*tiny_modules(), clip_tokenizer(tmp_path / "bpe")))
     run_dir = _image_run(tmp_path, "amused", "amused", {"path": str(base)})
     out = tmp_path / "export"
     _export(run_dir, out)

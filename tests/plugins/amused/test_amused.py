@@ -3,13 +3,12 @@ sampler (``amused`` schedule, shared randomness) with diffusers' AmusedPipeline.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
-import os
 
 import pytest
 import torch
+from amused_tiny import CODEBOOK, SIDE, VOCAB, clip_tokenizer, save_tiny_amused, tiny_modules
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import BuildContext
@@ -20,83 +19,12 @@ from mdmrl_plugins.cogrpo.sampler import ConfidenceOptions, ConfidenceSampler
 from mdmrl_plugins.cogrpo.schedules import AmusedSchedule, AmusedScheduleOptions
 
 PROMPTS = ["a red cat on a mat", "two dogs"]
-CODEBOOK, VOCAB, SIDE = 16, 18, 8  # mask id = VOCAB - 1 = 17; 8 x 8 = 64 tokens
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """The real CLIP BPE tokenizer, built offline from the vocabulary open_clip ships."""
-    import open_clip
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    merges = gzip.open(path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip-tokenizer")
-    (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=TEXT_LENGTH)
-
-
-def tiny_modules(seed: int = 0):
-    """A tiny random UVit2DModel, VQModel and CLIP text encoder that fit together."""
-    from diffusers import UVit2DModel, VQModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    transformer = UVit2DModel(
-        hidden_size=16,
-        cond_embed_dim=8,
-        micro_cond_encode_dim=2,
-        micro_cond_embed_dim=10,
-        encoder_hidden_size=8,
-        vocab_size=VOCAB,
-        codebook_size=CODEBOOK,
-        in_channels=8,
-        block_out_channels=8,
-        num_res_blocks=1,
-        downsample=True,
-        upsample=True,
-        block_num_heads=1,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        intermediate_size=16,
-        layer_norm_eps=1e-12,
-        sample_size=SIDE,
-    )
-    vqvae = VQModel(
-        act_fn="silu",
-        block_out_channels=[8],
-        down_block_types=["DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D"],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=8,
-        layers_per_block=1,
-        norm_num_groups=8,
-        num_vq_embeddings=CODEBOOK,
-        sample_size=SIDE,
-        mid_block_add_attention=False,
-        lookup_from_codebook=True,
-    )
-    text_encoder = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=8,
-            intermediate_size=16,
-            num_attention_heads=1,
-            num_hidden_layers=2,
-            projection_dim=8,
-            max_position_embeddings=TEXT_LENGTH,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    return transformer.eval(), vqvae.eval(), text_encoder.eval()
+    return clip_tokenizer(tmp_path_factory.mktemp("clip-tokenizer"), TEXT_LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +130,7 @@ def test_hub_id_absent_offline_is_a_user_error(monkeypatch, tmp_path):
 
 
 def test_loads_a_saved_folder(modules, tmp_path):
-    transformer, vqvae, text_encoder, tokenizer = modules
-    for name, part in [("transformer", transformer), ("vqvae", vqvae), ("text_encoder", text_encoder)]:
-        part.save_pretrained(tmp_path / name)
-    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    save_tiny_amused(tmp_path, modules)
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"mask_token_id": VOCAB - 1}))
     loaded = AmusedBackbone.from_options(AmusedOptions(path=str(tmp_path)), BuildContext())

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_amused import CODEBOOK, PROMPTS, amused_pipeline, tiny_modules
+from amused_tiny import CODEBOOK, tiny_modules
+from test_amused import PROMPTS, amused_pipeline
 from test_amused import tokenizer as tokenizer  # noqa: F401  (the module-scoped fixture)
 
 from mdmrl_plugins.amused.backbone import AmusedBackbone

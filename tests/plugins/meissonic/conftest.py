@@ -5,19 +5,16 @@ from __future__ import annotations
 import pytest
 from meissonic_tiny import (
     TINY_RESOLUTION,
+    clip_tokenizer,
     tiny_text_encoder,
     tiny_transformer,
     tiny_vqvae,
-    write_clip_tokenizer_files,
 )
 
 
-@pytest.fixture(scope="session")
-def clip_tokenizer(tmp_path_factory):
-    from transformers import CLIPTokenizer
-
-    vocab_file, merges_file = write_clip_tokenizer_files(tmp_path_factory.mktemp("clip_bpe"))
-    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=77)
+@pytest.fixture(scope="session", name="clip_tokenizer")
+def clip_tokenizer_fixture(tmp_path_factory):
+    return clip_tokenizer(tmp_path_factory.mktemp("clip_bpe"))
 
 
 @pytest.fixture

@@ -46,6 +46,14 @@ def write_clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
+def clip_tokenizer(folder: Path, max_length: int = 77):
+    """The real CLIP BPE tokenizer (:func:`write_clip_tokenizer_files` in ``folder``)."""
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = write_clip_tokenizer_files(folder)
+    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
+
+
 def tiny_transformer(seed: int = 0):
     from mdmrl_plugins.meissonic.transformer import MeissonicTransformer2DModel
 
@@ -96,3 +104,13 @@ def tiny_text_encoder(seed: int = 0):
         pad_token_id=49407,
     )
     return CLIPTextModelWithProjection(config).eval()
+
+
+def save_tiny_meissonic(folder: Path, tokenizer) -> Path:
+    """A Meissonic folder (transformer/, vqvae/, text_encoder/, tokenizer/) of the tiny
+    seed-0 parts and ``tokenizer``, as ``MeissonicBackbone`` loads one."""
+    tiny_transformer().save_pretrained(folder / "transformer")
+    tiny_vqvae().save_pretrained(folder / "vqvae")
+    tiny_text_encoder().save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    return folder

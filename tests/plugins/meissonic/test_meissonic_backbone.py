@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from meissonic_tiny import TINY_RESOLUTION, TINY_TRANSFORMER
+from meissonic_tiny import TINY_RESOLUTION, TINY_TRANSFORMER, save_tiny_meissonic
 
 from mdmrl.errors import UserError
 from mdmrl.interfaces import BuildContext
@@ -247,17 +247,8 @@ def test_train_mode_keeps_frozen_parts_in_eval(make_backbone):
 # ------------------------------------------------------------------ loading
 
 
-def _save_parts(folder, clip_tokenizer):
-    from meissonic_tiny import tiny_text_encoder, tiny_transformer, tiny_vqvae
-
-    tiny_transformer().save_pretrained(folder / "transformer")
-    tiny_vqvae().save_pretrained(folder / "vqvae")
-    tiny_text_encoder().save_pretrained(folder / "text_encoder")
-    clip_tokenizer.save_pretrained(folder / "tokenizer")
-
-
 def test_from_options_loads_a_local_folder_with_from_pretrained(tmp_path, clip_tokenizer, make_backbone):
-    _save_parts(tmp_path / "weights" / "meissonic", clip_tokenizer)
+    save_tiny_meissonic(tmp_path / "weights" / "meissonic", clip_tokenizer)
     options = MeissonicOptions(path="weights/meissonic", resolution=TINY_RESOLUTION)
     loaded = MeissonicBackbone.from_options(options, BuildContext(recipe_dir=str(tmp_path)))
     built = make_backbone()
@@ -396,7 +387,7 @@ def test_confidence_sampler_with_meissonic_schedule_gives_pil_images(make_backbo
 def test_text_encoder_path_replaces_the_text_encoder_subfolder(tmp_path, clip_tokenizer, make_backbone):
     import shutil
 
-    _save_parts(tmp_path / "meissonic", clip_tokenizer)
+    save_tiny_meissonic(tmp_path / "meissonic", clip_tokenizer)
     shutil.move(tmp_path / "meissonic" / "text_encoder", tmp_path / "clip")
     options = MeissonicOptions(path="meissonic", text_encoder_path="clip", resolution=TINY_RESOLUTION)
     loaded = MeissonicBackbone.from_options(options, BuildContext(recipe_dir=str(tmp_path)))
