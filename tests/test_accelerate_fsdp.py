@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import co_grpo_tiny
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,24 +25,11 @@ from safetensors.torch import load_file
 from mdmrl import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = str(ROOT / "recipes" / "shapes" / "co_grpo.toml")
-SETS = [
-    "train.cycles=1",
-    "train.model_iterations=2",
-    "train.schedule_iterations=1",
-    "train.model.batch_size=4",
-    "train.model.group_size=2",
-    "train.schedule.batch_size=4",
-    "train.schedule.group_size=2",
+RECIPE = str(co_grpo_tiny.RECIPE)
+SETS = co_grpo_tiny.SETS + [
     "train.gradient_accumulation=2",
-    "sampler.steps=4",
-    "eval.seeds=1",
-    "eval.steps=[4]",
-    "prompts.eval.options.count=6",
-    'device="cpu"',
     "logging.checkpoint_every=1",
     "logging.image_every=2",
-    "logging.tensorboard=false",
 ]
 
 FORCE = """

@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import co_grpo_tiny
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -41,25 +42,11 @@ from mdmrl.reward_server import READY, RemoteRewarder, RewardServer, RewardServi
 from mdmrl.rewarding import CompositeRewarder, RewardProcessError
 
 TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-RECIPE = ROOT / "recipes" / "shapes" / "co_grpo.toml"
-SETS = [
-    "train.cycles=1",
-    "train.model_iterations=2",
-    "train.schedule_iterations=1",
-    "train.model.batch_size=4",
-    "train.model.group_size=2",
-    "train.schedule.batch_size=4",
-    "train.schedule.group_size=2",
-    "sampler.steps=4",
+RECIPE = co_grpo_tiny.RECIPE
+SETS = co_grpo_tiny.SETS + [
     "eval.before=false",
-    "eval.seeds=1",
-    "eval.steps=[4]",
-    "prompts.eval.options.count=6",
-    'device="cpu"',
     "logging.checkpoint_every=2",
     "logging.image_every=0",
-    "logging.tensorboard=false",
     "logging.kl_every=0",
 ]
 IMAGE_REWARD = '\n[[rewards]]\nname = "test-image-corner"\nweight = 0.25\n'
