@@ -53,6 +53,21 @@ def section(secs: dict[str, str], prefix: str) -> str:
     return hits[0]
 
 
+def run_smoke(mod, folder: Path, seeds: int, json_name: str, capsys) -> tuple[list[str], str, dict[str, str]]:
+    """Run a results script's ``main`` with ``--smoke``, its cache and JSON file under
+    ``folder``, and check that it succeeds: (its arguments, its stdout, the sections)."""
+    args = ["--smoke", "--seeds", str(seeds), "--out", str(folder / "cache")]
+    args += ["--json", str(folder / json_name)]  # last: a test may swap the JSON path
+    assert mod.main(args) == 0
+    out = capsys.readouterr().out
+    return args, out, sections(out)
+
+
+def without_header(out: str) -> str:
+    """A results script's stdout without its title and command line (date, wall time)."""
+    return out.split("\n", 3)[3]
+
+
 @pytest.fixture(scope="module")
 def ablate_run(tmp_path_factory):
     mod = _load("ablate")
@@ -64,10 +79,7 @@ def test_ablate_smoke_tables_and_resume(ablate_run, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mod, tmp = ablate_run
     smoke = mod.pick_budget("quick", mod.BUDGETS, smoke=True)  # the budget main() runs with --smoke
-    args = ["--smoke", "--seeds", "2", "--out", str(tmp / "cache"), "--json", str(tmp / "a.json")]
-    assert mod.main(args) == 0
-    cap = capsys.readouterr()
-    secs = sections(cap.out)
+    args, out, secs = run_smoke(mod, tmp, 2, "a.json", capsys)
 
     t2 = tables(section(secs, "Table 2 analogue"))[0]
     assert t2[0] == ["steps", "γ = 1.0", "γ = 1.5", "γ = 2.0"]
@@ -147,13 +159,12 @@ def test_ablate_smoke_tables_and_resume(ablate_run, capsys, monkeypatch):
     again = capsys.readouterr()
     assert "iterations in" not in again.err
     assert "cached" in again.err
-    strip = lambda s: s.split("\n", 3)[3]  # noqa: E731  (drop the header with date and wall time)
-    assert strip(again.out) == strip(cap.out)
+    assert without_header(again.out) == without_header(out)
 
     # --partial computes nothing: from the full cache it prints the same tables, from an
     # empty one it marks the output partial and leaves every measured cell empty
     assert mod.main(args + ["--partial"]) == 0
-    assert strip(capsys.readouterr().out) == strip(cap.out)
+    assert without_header(capsys.readouterr().out) == without_header(out)
     empty = ["--smoke", "--seeds", "2", "--out", str(tmp / "empty"), "--partial"]
     assert mod.main(empty) == 0
     part = capsys.readouterr().out
@@ -166,10 +177,7 @@ def test_ablate_smoke_tables_and_resume(ablate_run, capsys, monkeypatch):
 def test_compare_smoke_tables(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mod = _load("compare_methods")
-    args = ["--smoke", "--seeds", "2", "--out", str(tmp_path / "cache"), "--json", str(tmp_path / "c.json")]
-    assert mod.main(args) == 0
-    out = capsys.readouterr().out
-    secs = sections(out)
+    args, out, secs = run_smoke(mod, tmp_path, 2, "c.json", capsys)
 
     methods = tables(section(secs, "Methods at an equal budget"))[0]
     assert methods[0] == [
@@ -217,7 +225,9 @@ def test_compare_smoke_tables(tmp_path, capsys, monkeypatch):
     assert mod.main(args[:-1] + [str(rev), "--reverse"]) == 0
     assert json.loads(rev.read_text())["raw"]["runs"] == runs
     log = capsys.readouterr().err
-    assert log.index("Naive GRPO (confidence) seed 1: cached") < log.index("Naive GRPO (confidence) seed 0: cached")
+    assert log.index("Naive GRPO (confidence) seed 1: cached") < log.index(
+        "Naive GRPO (confidence) seed 0: cached"
+    )
 
 
 @pytest.mark.parametrize("recipe", ["co_grpo", "co_grpo_joint", "mask_grpo", "naive_grpo", "fixed_schedule"])

@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from test_ablation_smoke import _load, section, sections, tables
+from test_ablation_smoke import _load, run_smoke, section, tables, without_header
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_SEED = re.compile(r"^-?\d+\.\d+ \(one seed\)$")
@@ -19,10 +19,7 @@ ONE_SEED = re.compile(r"^-?\d+\.\d+ \(one seed\)$")
 def test_text_ablate_smoke_tables(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mod = _load("text_ablate")
-    args = ["--smoke", "--seeds", "1", "--out", str(tmp_path / "cache"), "--json", str(tmp_path / "t.json")]
-    assert mod.main(args) == 0
-    out = capsys.readouterr().out
-    secs = sections(out)
+    args, out, secs = run_smoke(mod, tmp_path, 1, "t.json", capsys)
 
     ablation = tables(section(secs, "MaskGRPO's text ablation"))[0]
     assert ablation[0] == [
@@ -114,8 +111,7 @@ def test_text_ablate_smoke_tables(tmp_path, capsys, monkeypatch):
     assert mod.main(args + ["--partial"]) == 0
     again = capsys.readouterr()
     assert "iterations in" not in again.err and "PARTIAL" not in again.out
-    strip = lambda s: s.split("\n", 3)[3]  # noqa: E731  (drop the header with date and wall time)
-    assert strip(again.out) == strip(out)
+    assert without_header(again.out) == without_header(out)
 
 
 def test_recipes_that_differ_beyond_the_method_are_refused(tmp_path, capsys, monkeypatch):
