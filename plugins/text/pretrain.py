@@ -6,13 +6,20 @@
 and writes a complete checkpoint folder that the ``llada`` backbone loads like any
 downloaded one (``chat_template = false``: the prompt is BOS and the problem itself).
 
-Objective (LLaDA's supervised one): the prompt is never masked; the completion (the
-worked solution, its end-of-sequence token and the end-of-sequence padding up to
-``gen_length``) is masked and the loss is the mean cross-entropy of the original tokens
-at the masked positions. Per sample the mask is, with probability ``block_mask_prob``,
-in the shape the block sampler meets (a uniformly drawn block b: the blocks before it
-clear, the blocks after it masked, k ~ U{1..block_length} random positions of block b
-masked), else LLaDA's (k ~ U{1..N} positions masked, chosen uniformly).
+Objective (LLaDA's supervised one, weighted per sample): the prompt is never masked;
+the completion (the worked solution, its end-of-sequence token and the end-of-sequence
+padding up to ``gen_length``) is masked, and a sample's loss is the mean cross-entropy of
+the original tokens over its loss positions; the batch's loss is the mean over samples
+(every sample weighs the same, whatever its number of masked positions: LLaDA's 1 / t
+weighting, which gives the few-mask samples, where an operand is to be copied or a
+step's result computed from a visible left side, as much weight as the many-mask ones).
+Per sample the mask is, with probability ``block_mask_prob``, in the shape the block
+sampler meets: a block b drawn uniformly among the blocks that hold the solution or its
+end-of-sequence token, the blocks before it clear, the blocks after it masked, and k ~
+U{1..block_length} random positions of block b masked; the loss positions are those k
+(the sampler reads the predictions of the active block only). Otherwise the mask is
+LLaDA's (k ~ U{1..N} positions chosen uniformly), and every masked position is a loss
+position.
 
 Every ``eval_every`` steps the run samples the ``eval_count`` problems of a fixed list
 of held-out problems (seed ``eval_seed``) with the ``block`` sampler and the ``llada``
@@ -54,7 +61,7 @@ class PretrainOptions:
 
     steps: int = field(default=4000, metadata={"doc": "most optimizer steps", "min": 1})
     batch_size: int = field(default=64, metadata={"doc": "problems per step", "min": 1})
-    lr: float = field(default=2e-3, metadata={"doc": "peak AdamW learning rate", "min_exclusive": 0.0})
+    lr: float = field(default=5e-4, metadata={"doc": "peak AdamW learning rate", "min_exclusive": 0.0})
     weight_decay: float = field(default=0.01, metadata={"doc": "AdamW decay of matrices", "min": 0.0})
     warmup: int = field(default=100, metadata={"doc": "linear warm-up steps before cosine decay", "min": 0})
     seed: int = field(default=0, metadata={"doc": "seeds the data rng and the torch init", "min": 0})
@@ -85,7 +92,7 @@ class PretrainOptions:
         default=8, metadata={"doc": "block of the block-shaped masks (the sampler's)", "min": 1}
     )
     block_mask_prob: float = field(
-        default=0.5, metadata={"doc": "share of block-shaped masks", "min": 0.0, "max": 1.0}
+        default=0.75, metadata={"doc": "share of block-shaped masks", "min": 0.0, "max": 1.0}
     )
     eval_every: int = field(default=250, metadata={"doc": "steps between held-out evaluations", "min": 1})
     eval_count: int = field(default=120, metadata={"doc": "held-out problems per evaluation", "min": 1})
@@ -190,46 +197,54 @@ def completion_ids(tokenizer, solutions: list[str], n: int, eos: int) -> torch.T
 
 
 def completion_masks(
-    rng: np.random.Generator, batch: int, n: int, block: int, block_prob: float
-) -> np.ndarray:
-    """bool [B, n] masks (see the module docstring): block-shaped with probability
-    ``block_prob``, else k ~ U{1..n} uniformly chosen positions. At least one position
-    of each row is masked."""
+    rng: np.random.Generator, lengths: list[int], n: int, block: int, block_prob: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, loss) bool [B, n] (see the module docstring) for completions whose first
+    ``lengths[i]`` positions are the solution and its end-of-sequence token: with
+    probability ``block_prob`` block-shaped (b among the blocks that hold those positions;
+    loss on the k masked positions of b), else k ~ U{1..n} uniformly chosen positions (loss
+    on all of them). At least one loss position per row."""
+    batch = len(lengths)
     blocky = rng.random(batch) < block_prob
-    b = rng.integers(0, n // block, batch)
+    content_blocks = [min(n // block, -(-length // block)) for length in lengths]
+    b = [int(rng.integers(0, c)) for c in content_blocks]
     k_block = rng.integers(1, block + 1, batch)
     k_flat = rng.integers(1, n + 1, batch)
     scores = rng.random((batch, n))
     masks = np.zeros((batch, n), dtype=bool)
+    loss = np.zeros((batch, n), dtype=bool)
     for i in range(batch):
         if blocky[i]:
             s0, s1 = b[i] * block, (b[i] + 1) * block
             ranks = np.argsort(np.argsort(scores[i, s0:s1]))
-            masks[i, s0:s1] = ranks < k_block[i]
+            masks[i, s0:s1] = loss[i, s0:s1] = ranks < k_block[i]
             masks[i, s1:] = True
         else:
             ranks = np.argsort(np.argsort(scores[i]))
-            masks[i] = ranks < k_flat[i]
-    return masks
+            masks[i] = loss[i] = ranks < k_flat[i]
+    return masks, loss
 
 
 def make_batch(rng: np.random.Generator, options: PretrainOptions, tokenizer, eos: int, mask_id: int):
-    """(prompts, targets long [B, N], inputs long [B, N], mask bool [B, N]) of one step."""
+    """(prompts, targets long [B, N], inputs long [B, N], loss bool [B, N]) of one step:
+    the inputs are the targets with the mask id where masked; ``loss`` marks the positions
+    whose cross-entropy counts (all masked)."""
     o = options
     problems = [
         arith.sample_problem(rng, "train", o.ops[rng.integers(len(o.ops))]) for _ in range(o.batch_size)
     ]
     targets = completion_ids(tokenizer, [arith.worked_solution(p) for p in problems], o.gen_length, eos)
-    mask = torch.from_numpy(
-        completion_masks(rng, o.batch_size, o.gen_length, o.block_length, o.block_mask_prob)
-    )
-    return [arith.prompt_of(p) for p in problems], targets, targets.masked_fill(mask, mask_id), mask
+    lengths = ((targets != eos).sum(1) + 1).tolist()  # the solution's tokens and its end token
+    mask, loss = completion_masks(rng, lengths, o.gen_length, o.block_length, o.block_mask_prob)
+    inputs = targets.masked_fill(torch.from_numpy(mask), mask_id)
+    return [arith.prompt_of(p) for p in problems], targets, inputs, torch.from_numpy(loss)
 
 
-def masked_loss(backbone, prompts, targets, inputs, mask) -> torch.Tensor:
-    """Mean cross-entropy of the targets over the masked completion positions."""
+def masked_loss(backbone, prompts, targets, inputs, loss) -> torch.Tensor:
+    """Mean over samples of each sample's mean cross-entropy of the targets at its loss positions."""
     logits = backbone(inputs, backbone.encode_prompts(prompts), None).logits
-    return F.cross_entropy(logits[mask], targets[mask])
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * loss
+    return (ce.sum(1) / loss.sum(1)).mean()
 
 
 # --------------------------------------------------------------------------- evaluation

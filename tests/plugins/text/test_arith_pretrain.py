@@ -129,32 +129,64 @@ def test_the_accuracy_stop_keeps_the_weights_of_that_step(tmp_path, first_run):
 
 def test_masks_have_the_documented_shapes():
     rng = np.random.default_rng(0)
-    m = tp.completion_masks(rng, 4000, 32, 8, 0.5)
-    assert m.any(1).all()
-    blocky = 0
-    for row in m:
-        idx = np.flatnonzero(row)
-        first_block = idx[0] // 8
-        # a block-shaped mask: everything from the end of its first masked block on is masked
-        if row[(first_block + 1) * 8 :].all() and not row[: first_block * 8].any():
-            blocky += 1
-    assert blocky / len(m) > 0.5  # the block-shaped half, plus uniform masks that happen to look so
-    flat = tp.completion_masks(rng, 4000, 32, 8, 0.0)
+    lengths = rng.integers(1, 33, 4000).tolist()
+    mask, loss = tp.completion_masks(rng, lengths, 32, 8, 1.0)
+    drawn = set()
+    for row, lrow, length in zip(mask, loss, lengths):
+        idx = np.flatnonzero(lrow)
+        b = idx[0] // 8
+        assert (idx // 8 == b).all() and 1 <= len(idx) <= 8  # k ~ U{1..8} of one block
+        assert b * 8 < length  # a block that holds the solution or its end token
+        assert not row[: b * 8].any() and row[(b + 1) * 8 :].all()  # before clear, after masked
+        assert (row[b * 8 : (b + 1) * 8] == lrow[b * 8 : (b + 1) * 8]).all()
+        drawn.add((-(-length // 8), b))
+    assert drawn == {(c, b) for c in range(1, 5) for b in range(c)}  # every content block
+    flat, flat_loss = tp.completion_masks(rng, lengths, 32, 8, 0.0)
+    assert (flat == flat_loss).all() and flat.any(1).all()
     assert abs(flat.sum(1).mean() - 16.5) < 0.5  # k ~ U{1..32}
+    mixed, mixed_loss = tp.completion_masks(rng, [32] * 4000, 32, 8, 0.75)
+    # block-shaped rows with b < 3 are the rows whose masked positions are not all loss positions
+    assert abs((mixed != mixed_loss).any(1).mean() - 0.75 * 3 / 4) < 0.03
 
 
 def test_batches_mask_only_the_completion_and_pad_with_eos():
     tok = tp.arith_tokenizer()
     o = options()
     eos, mask_id = tok.eos_token_id, tok.mask_token_id
-    prompts, targets, inputs, mask = tp.make_batch(np.random.default_rng(1), o, tok, eos, mask_id)
-    assert torch.equal(inputs == mask_id, mask) and torch.equal(inputs[~mask], targets[~mask])
+    prompts, targets, inputs, loss = tp.make_batch(np.random.default_rng(1), o, tok, eos, mask_id)
+    masked = inputs == mask_id
+    assert (masked | ~loss).all() and loss.any(1).all() and torch.equal(inputs[~masked], targets[~masked])
     for p, row in zip(prompts, targets):
         problem = arith.problem_of(p)
         assert arith.split_of(problem) == "train"
         solution = arith.worked_solution(problem)
         assert tok.decode(row[: len(solution)].tolist()) == solution
         assert (row[len(solution) :] == eos).all()
+
+
+def test_every_sample_weighs_the_same_in_the_loss():
+    """The loss is the mean over samples of each sample's mean cross-entropy: a sample
+    with one loss position counts as much as one with eight."""
+
+    class Fixed:
+        def __init__(self, logits):
+            self.logits = logits
+
+        def encode_prompts(self, prompts):
+            return None
+
+        def __call__(self, inputs, cond, timestep):
+            return self
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, 5, generator=gen)
+    targets = torch.randint(0, 5, (2, 8), generator=gen)
+    loss = torch.zeros(2, 8, dtype=torch.bool)
+    loss[0, 3] = True
+    loss[1] = True
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    got = tp.masked_loss(Fixed(logits), ["", ""], targets, targets, loss)
+    torch.testing.assert_close(got, (ce[0, 3] + ce[1].mean()) / 2)
 
 
 def test_options_are_checked():
