@@ -53,13 +53,13 @@ from _runs import (  # noqa: E402
 TEXT_RECIPES = ROOT / "recipes" / "text"
 ACC, FORMAT = "arith-correct", "arith-format"
 
-#: CPU minutes of training per run of the decisive budget: 6 rows x 3 seeds are 72 CPU
-#: minutes of training, plus 19 held-out evaluations of about 25 s of CPU time each. With
+#: CPU minutes of training per run of the decisive budget: 6 rows x 3 seeds are 108 CPU
+#: minutes of training, plus 19 held-out evaluations of about 40 s of CPU time each. With
 #: the committed arith-llada, one MaskGRPO iteration of recipes/text/mask_grpo.toml takes
-#: about 3.2 s of CPU time and one Naive GRPO or Co-GRPO model iteration about 4.5 s
-#: (``--seeds 1 --minutes 0.5``: 9-10 and 7 iterations in 30-35 s), so 4 minutes are
-#: about 75 MaskGRPO iterations (the recipe runs 100) and about 50 of the others.
-MINUTES = 4.0
+#: about 3.5 s of CPU time and one Naive GRPO or Co-GRPO model iteration about 4.5 s, so
+#: 6 minutes are about 100 MaskGRPO iterations (the recipe runs 150) and about 80 of the
+#: others.
+MINUTES = 6.0
 
 #: CPU minutes per run of ``--smoke``: a few iterations of 4 completions.
 SMOKE_MINUTES = 0.005
