@@ -240,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     # freed tensor memory stays in the process instead of being faulted in again at
     # every step (mdmrl/hostmem.py; benchmarks/allocator.py: B = 8 rollouts 1.07-1.26x faster)
     keep_freed_memory()
+    finished = False
     try:
-        return _dispatch(args, argv)
+        code = _dispatch(args, argv)
+        finished = code == 0
+        return code
     except UserError as exc:
         if args.debug:
             raise
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if "torch.distributed" in sys.modules:  # only a command that used torch can hold a group
             from mdmrl.distributed import shutdown
 
-            shutdown()
+            shutdown(together=finished)
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:

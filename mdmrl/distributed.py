@@ -144,9 +144,23 @@ def setup(mixed_precision: str = "no", device: torch.device | None = None) -> Di
     return dist
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False, timeout_s: float = 60.0) -> None:
     """Leave the process group, if this process joined one. Exiting with a live gloo
     group can abort the interpreter at shutdown ("terminate called without an active
-    exception"), which fails a run that had finished."""
-    if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
+    exception"), which fails a run that had finished.
+
+    together: the command finished normally, so every process is on its way here;
+    on gloo, wait (at most ``timeout_s``) until all have arrived, so that no process
+    tears its connections down while another still holds them (a process that left
+    first could abort the same way). A process that does not arrive in time, or a
+    failed command (``together`` False), leaves at once."""
+    if not (td.is_available() and td.is_initialized()):
+        return
+    if together and td.get_world_size() > 1 and td.get_backend() == "gloo":
+        from datetime import timedelta
+
+        try:
+            td.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        except RuntimeError:  # another process failed or is gone: leave anyway
+            pass
+    td.destroy_process_group()

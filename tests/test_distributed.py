@@ -153,3 +153,7 @@ def test_shutdown_leaves_the_process_group(tmp_path):
     assert td.is_initialized()
     shutdown()
     assert not td.is_initialized()
+    # after a command that finished: alone in the group, nobody to wait for
+    td.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    shutdown(together=True, timeout_s=1.0)
+    assert not td.is_initialized()
