@@ -20,7 +20,7 @@ progress is finished), then is evaluated on the recipe's held-out problems (150 
 samples at the recipe's step count). Runs are ordered seed by seed. Finished runs are
 cached under ``benchmarks/out/text_ablate/<budget>/`` so an interrupted invocation
 resumes; ``--partial`` prints the tables from the cache without computing anything, and
-a second invocation with ``--reverse`` and the same ``--out`` trains the seeds last to
+a second invocation with ``--reverse`` and the same ``--out`` trains the runs last to
 first, so that two one-thread processes share the sweep.
 """
 
@@ -220,19 +220,20 @@ def comparable(sets: list[str]) -> str | None:
 def run_all(
     runner: Runner, b: Budget, seeds: list[int], minutes: float, sets: list[str], reverse: bool = False
 ) -> dict:
-    """The base model's evaluation, then every (seed, row) run, seed-major (the last seed
-    first with ``reverse``; the tables list the seeds in order either way)."""
+    """The base model's evaluation, then every (seed, row) run, seed-major (in the
+    opposite order with ``reverse``, so that two processes sharing a sweep meet in its
+    middle; the tables list the seeds in order either way)."""
     t = b.train_steps
     extra = list(sets) + (smoke_overrides() if b.name == "smoke" else [])
     raw: dict = {"budget": b.name, "seeds": seeds, "minutes": minutes, "train_steps": t, "sets": sets}
     res = runner.evaluate_untrained("base model", "mask_grpo", list(sets), [t], b.fixed_seeds)
     raw["base"] = res["evals"][str(t)] if res else None
     done: dict[tuple[str, int], dict] = {}
-    for s in reversed(seeds) if reverse else seeds:
-        for key, label, recipe, ov in ROWS:
-            r = runner.train(RunSpec(label, recipe, ov + extra, s, final_steps=[t], minutes=minutes))
-            if r is not None:
-                done[(key, s)] = r
+    order = [(s, row) for s in seeds for row in ROWS]
+    for s, (key, label, recipe, ov) in reversed(order) if reverse else order:
+        r = runner.train(RunSpec(label, recipe, ov + extra, s, final_steps=[t], minutes=minutes))
+        if r is not None:
+            done[(key, s)] = r
     raw["runs"] = {key: [done[(key, s)] for s in seeds if (key, s) in done] for key, _, _, _ in ROWS}
     return raw
 

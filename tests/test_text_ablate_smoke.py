@@ -162,7 +162,10 @@ def test_directions_summary_groups_claims_by_verdict():
     ]
 
 
-def test_reverse_trains_the_last_seed_first_and_lists_seeds_in_order(tmp_path):
+def test_reverse_trains_the_runs_last_to_first_and_lists_seeds_in_order(tmp_path):
+    """Two processes sharing a sweep (one with --reverse) meet in its middle: the reverse
+    order is the forward order backwards, rows included, so the last seed's rows are
+    not trained twice at the same time."""
     mod = _load("text_ablate")
 
     class Recorder:
@@ -173,13 +176,14 @@ def test_reverse_trains_the_last_seed_first_and_lists_seeds_in_order(tmp_path):
             return None
 
         def train(self, spec):
-            self.order.append(spec.seed)
+            self.order.append((spec.seed, spec.label))
             return {"seed": spec.seed, "label": spec.label}
 
     budget = mod.budget_for(mod.validate([])["mask_grpo"], 0.005, True)
-    for reverse, first in ((False, 0), (True, 2)):
+    labels = [label for _, label, _, _ in mod.ROWS]
+    forward = [(s, label) for s in (0, 1, 2) for label in labels]  # seed-major
+    for reverse, expected in ((False, forward), (True, forward[::-1])):
         rec = Recorder()
         raw = mod.run_all(rec, budget, [0, 1, 2], 0.005, [], reverse=reverse)
-        rows = len(mod.ROWS)
-        assert rec.order == [first] * rows + [1] * rows + [2 - first] * rows  # seed-major
+        assert rec.order == expected
         assert all([r["seed"] for r in runs] == [0, 1, 2] for runs in raw["runs"].values())
