@@ -568,7 +568,7 @@ def add_sweep_arguments(ap: argparse.ArgumentParser, cache: str, reverse: bool =
         ap.add_argument(
             "--reverse",
             action="store_true",
-            help="train the seeds last to first: a second invocation with the same --out beside a "
+            help="train the runs last to first (seeds and rows): a second invocation with the same --out beside a "
             "running one shares its cache and meets it in the middle",
         )
 

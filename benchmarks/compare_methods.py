@@ -85,8 +85,8 @@ def key(label: str, sampler: str) -> str:
 
 
 def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float, reverse: bool = False) -> dict:
-    """Untrained evaluations, then every (seed, configuration) run, seed-major (the last
-    seed first with ``reverse``; the tables list the seeds in order either way)."""
+    """Untrained evaluations, then every (seed, configuration) run, seed-major (backwards
+    with ``reverse``; the tables list the seeds in order either way)."""
     t = b.train_steps
     raw: dict = {
         "budget": b.name,
@@ -110,11 +110,13 @@ def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float, reverse
         res = runner.evaluate_untrained(f"{name} untrained", rec, ov, [t], b.fixed_seeds)
         raw["base"][name] = res["evals"][str(t)] if res else None
     done: dict[tuple[str, int], dict] = {}
-    for s in reversed(seeds) if reverse else seeds:
-        for name, rec, ov in configs:
-            res = runner.train(RunSpec(name, rec, ov, s, final_steps=[t], minutes=minutes))
-            if res is not None:
-                done[(name, s)] = res
+    # seed-major; ``reverse`` walks the same order backwards (rows included), so two
+    # processes sharing a sweep meet in its middle instead of training the same runs
+    order = [(s, config) for s in seeds for config in configs]
+    for s, (name, rec, ov) in reversed(order) if reverse else order:
+        res = runner.train(RunSpec(name, rec, ov, s, final_steps=[t], minutes=minutes))
+        if res is not None:
+            done[(name, s)] = res
     for name, _, _ in configs:
         raw["runs"][name] = [done[(name, s)] for s in seeds if (name, s) in done]
     return raw

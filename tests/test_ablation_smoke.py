@@ -228,6 +228,8 @@ def test_compare_smoke_tables(tmp_path, capsys, monkeypatch):
     assert log.index("Naive GRPO (confidence) seed 1: cached") < log.index(
         "Naive GRPO (confidence) seed 0: cached"
     )
+    # rows too run last to first within a seed
+    assert log.index(f"{list(runs)[-1]} seed 1: cached") < log.index("Naive GRPO (confidence) seed 1: cached")
 
 
 @pytest.mark.parametrize("recipe", ["co_grpo", "co_grpo_joint", "mask_grpo", "naive_grpo", "fixed_schedule"])
