@@ -552,6 +552,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def sweep_order(seeds: list[int], rows: list, reverse: bool = False) -> list[tuple[int, Any]]:
+    """Every (seed, row) of a sweep, seed-major; with ``reverse`` the same order backwards,
+    rows included, so that a second process sharing the sweep (``--reverse``) meets the
+    first in its middle instead of training the same seed's rows beside it."""
+    order = [(s, row) for s in seeds for row in rows]
+    return order[::-1] if reverse else order
+
+
 def add_sweep_arguments(ap: argparse.ArgumentParser, cache: str, reverse: bool = False) -> None:
     """Add the options every results script shares to ``ap``: --json, --out (the cache
     folder, default ``benchmarks/out/<cache>/<budget>``), --device, --threads and

@@ -36,6 +36,7 @@ from _runs import (  # noqa: E402
     replace,
     run_and_report,
     setup_threads,
+    sweep_order,
     table,
 )
 
@@ -110,10 +111,7 @@ def run_all(runner: Runner, b: Budget, seeds: list[int], minutes: float, reverse
         res = runner.evaluate_untrained(f"{name} untrained", rec, ov, [t], b.fixed_seeds)
         raw["base"][name] = res["evals"][str(t)] if res else None
     done: dict[tuple[str, int], dict] = {}
-    # seed-major; ``reverse`` walks the same order backwards (rows included), so two
-    # processes sharing a sweep meet in its middle instead of training the same runs
-    order = [(s, config) for s in seeds for config in configs]
-    for s, (name, rec, ov) in reversed(order) if reverse else order:
+    for s, (name, rec, ov) in sweep_order(seeds, configs, reverse):
         res = runner.train(RunSpec(name, rec, ov, s, final_steps=[t], minutes=minutes))
         if res is not None:
             done[(name, s)] = res

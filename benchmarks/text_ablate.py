@@ -47,6 +47,7 @@ from _runs import (  # noqa: E402
     mean_se,
     run_and_report,
     setup_threads,
+    sweep_order,
     table,
 )
 
@@ -229,8 +230,7 @@ def run_all(
     res = runner.evaluate_untrained("base model", "mask_grpo", list(sets), [t], b.fixed_seeds)
     raw["base"] = res["evals"][str(t)] if res else None
     done: dict[tuple[str, int], dict] = {}
-    order = [(s, row) for s in seeds for row in ROWS]
-    for s, (key, label, recipe, ov) in reversed(order) if reverse else order:
+    for s, (key, label, recipe, ov) in sweep_order(seeds, ROWS, reverse):
         r = runner.train(RunSpec(label, recipe, ov + extra, s, final_steps=[t], minutes=minutes))
         if r is not None:
             done[(key, s)] = r

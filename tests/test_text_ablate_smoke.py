@@ -164,8 +164,8 @@ def test_directions_summary_groups_claims_by_verdict():
 
 def test_reverse_trains_the_runs_last_to_first_and_lists_seeds_in_order(tmp_path):
     """Two processes sharing a sweep (one with --reverse) meet in its middle: the reverse
-    order is the forward order backwards, rows included, so the last seed's rows are
-    not trained twice at the same time."""
+    order is the forward order backwards, rows included, so the two never train the
+    same seed's rows side by side."""
     mod = _load("text_ablate")
 
     class Recorder:
