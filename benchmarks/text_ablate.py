@@ -55,7 +55,7 @@ TEXT_RECIPES = ROOT / "recipes" / "text"
 ACC, FORMAT = "arith-correct", "arith-format"
 
 #: CPU minutes of training per run of the decisive budget: 6 rows x 3 seeds are 108 CPU
-#: minutes of training, plus 19 held-out evaluations of about 40 s of CPU time each. With
+#: minutes of training, plus 19 held-out evaluations of about 50 s each (the base model's: 53 s). With
 #: the committed arith-llada, one MaskGRPO iteration of recipes/text/mask_grpo.toml takes
 #: about 3.5 s of CPU time and one Naive GRPO or Co-GRPO model iteration about 4.5 s, so
 #: 6 minutes are about 100 MaskGRPO iterations (the recipe runs 150) and about 80 of the
